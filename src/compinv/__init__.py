@@ -1,0 +1,1 @@
+"""compinv: compositional inversion for Stable Diffusion."""

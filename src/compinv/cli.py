@@ -1,0 +1,88 @@
+"""Command line: parse flags into the config dataclasses, call the Python API, say where results went.
+
+Heavy imports (torch, diffusers) happen inside the commands so that `compinv --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compinv.config import GenerateConfig, TrainConfig, add_arguments, build_config
+from compinv.errors import CompinvError
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> None:
+    from compinv.models import save_tiny_model
+
+    out = save_tiny_model(args.out, size=args.size, seed=args.seed)
+    print(f"wrote a random {args.size} SD-1.x-shaped pipeline to {out}")
+
+
+def _cmd_train_ti(args: argparse.Namespace) -> None:
+    from compinv.methods.textual_inversion import train_textual_inversion
+
+    result = train_textual_inversion(build_config(TrainConfig, args, args.config))
+    print(f"learned embedding: {result.embeddings_path}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from compinv.generate import generate
+
+    paths = generate(build_config(GenerateConfig, args, args.config))
+    print(f"wrote {len(paths)} image(s) and generation.json to {paths[0].parent}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from compinv.demo import run_demo
+
+    report = run_demo(Path(args.out), steps=args.steps)
+    print(f"demo finished; results in {report}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compinv", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD-shaped pipeline folder")
+    tiny.add_argument("out", help="folder to create")
+    tiny.add_argument("--size", default="tiny", choices=["tiny", "mid"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_make_tiny_model)
+
+    train = sub.add_parser("train", help="learn a concept")
+    methods = train.add_subparsers(dest="method", required=True)
+    ti = methods.add_parser("textual-inversion", help="Textual Inversion with semantic inversion",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ti.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
+    add_arguments(ti, TrainConfig)
+    ti.set_defaults(func=_cmd_train_ti)
+
+    gen = sub.add_parser("generate", help="generate images with learned concepts")
+    gen.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
+    add_arguments(gen, GenerateConfig)
+    gen.set_defaults(func=_cmd_generate)
+
+    demo = sub.add_parser("demo", help="train and generate on an offline model, end to end")
+    demo.add_argument("--out", default="demo-output")
+    demo.add_argument("--steps", type=int, default=200)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CompinvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume latest", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

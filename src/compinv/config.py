@@ -1,0 +1,218 @@
+"""Run settings as dataclasses: the one source of options, defaults and help.
+
+The CLI flags are generated from these fields (`add_arguments`), `--config FILE` fills the same
+fields from YAML or JSON, and flags given on the command line override the file. Defaults are
+the official code's published TI settings (KNOWLEDGE.md §2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compinv.errors import CompinvError
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its CLI help (and argparse extras such as `choices`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one Textual Inversion run with semantic inversion."""
+
+    model: str = option(None, "local diffusers pipeline folder or hub id of an SD 1.x/2.x model")
+    images: str = option(None, "folder with the concept's images (3-20 photos are typical)")
+    token: str = option(None, "the new word, e.g. '<cute-cat>'")
+    init_word: str = option(None, "one-token word whose embedding initialises the new vectors "
+                                   "(default: the class word, else the anchor word)")
+    class_word: str = option(None, "noun kept after the token in training prompts ('a photo of a "
+                                   "<cute-cat> cat'), as the official code does")
+    no_class_word: bool = option(False, "train with vanilla prompts ('a photo of a <cute-cat>')")
+    anchor_word: str = option(None, "one-token word the learned vectors are pulled toward "
+                                    "(default: the class word, else the init word)")
+    num_vectors: int = option(1, "vectors per token (the official code uses 3)")
+    anchor_weight: float = option(0.95, "weight of the semantic anchor loss")
+    recon_weight: float = option(0.05, "weight of the diffusion reconstruction loss")
+    no_anchor: bool = option(False, "vanilla Textual Inversion: reconstruction weight 1, anchor 0")
+    steps: int = option(5000, "optimisation steps (each one after --grad-accum micro-batches)")
+    lr: float = option(0.005, "learning rate (per sample when --scale-lr is on)")
+    scale_lr: bool = option(True, "multiply --lr by batch size x grad accumulation x processes "
+                                  "(official: 0.005 x 4 x 2 = 0.04); --no-scale-lr to use it as is")
+    lr_scheduler: str = option("constant", "diffusers lr schedule", choices=[
+        "constant", "constant_with_warmup", "linear", "cosine"])
+    lr_warmup_steps: int = option(0, "warm-up steps of the lr schedule")
+    batch_size: int = option(4, "images per micro-batch and process")
+    grad_accum: int = option(2, "micro-batches per optimisation step")
+    resolution: int = option(512, "training resolution in pixels (images are resized and "
+                                  "center-cropped)")
+    center_crop: bool = option(True, "center-crop to a square before resizing; --no-center-crop "
+                                     "takes random crops")
+    flip_p: float = option(0.5, "probability of a horizontal flip")
+    repeats: int = option(100, "how often each image appears per epoch (sets the epoch length "
+                               "logged to TensorBoard)")
+    seed: int = option(8888, "random seed (the official code's)")
+    out: str = option(None, "run folder for embeddings, checkpoints, images and logs")
+    resume: str = option(None, "'latest' or a checkpoint folder to continue from")
+    checkpoint_every: int = option(500, "save accelerate state every N steps (0: never)")
+    checkpoints_total_limit: int = option(2, "keep only this many checkpoints (0: keep all)")
+    save_every: int = option(500, "save the learned embedding every N steps (0: only at the end)")
+    validation_prompt: list[str] = option([], "prompt for validation images; repeatable; '{}' or "
+                                              "the token marks the concept", action="append")
+    validation_every: int = option(500, "make validation images every N steps (0: only at the end)")
+    num_validation_images: int = option(4, "images per validation prompt")
+    validation_steps: int = option(25, "denoising steps of validation images")
+    mixed_precision: str = option("no", "precision of the frozen UNet and VAE",
+                                  choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = option(False, "trade compute for memory in UNet and text encoder")
+    report_to: str = option("none", "experiment tracker", choices=["tensorboard", "none"])
+    weight_decay: float = option(1e-2, "AdamW weight decay (official: 1e-2)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(0.0, "clip gradients to this norm (0: no clipping)")
+
+    def resolved(self) -> TrainConfig:
+        """Fill derived defaults (anchor/init words, --no-anchor weights) and check ranges."""
+        cfg = dataclasses.replace(self)
+        for name in ("model", "images", "token", "out"):
+            if not getattr(cfg, name):
+                raise CompinvError(f"--{name.replace('_', '-')} is required")
+        if cfg.no_class_word:
+            cfg.class_word = None
+        cfg.anchor_word = cfg.anchor_word or cfg.class_word or cfg.init_word
+        cfg.init_word = cfg.init_word or cfg.class_word or cfg.anchor_word
+        if cfg.no_anchor:
+            cfg.recon_weight, cfg.anchor_weight = 1.0, 0.0
+        if cfg.init_word is None:
+            raise CompinvError("--init-word is required when neither --class-word nor "
+                               "--anchor-word is given (e.g. --init-word cat)")
+        if cfg.anchor_weight > 0 and cfg.anchor_word is None:
+            raise CompinvError("--anchor-word is required for semantic inversion "
+                               "(or pass --no-anchor for vanilla Textual Inversion)")
+        positive = ("steps", "batch_size", "grad_accum", "resolution", "repeats")
+        for name in positive:
+            if getattr(cfg, name) < 1:
+                raise CompinvError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+        if cfg.num_vectors < 1:
+            raise CompinvError(f"--num-vectors {cfg.num_vectors}: must be at least 1")
+        if cfg.anchor_weight < 0 or cfg.recon_weight < 0 or cfg.lr <= 0:
+            raise CompinvError("--anchor-weight and --recon-weight must be >= 0 and --lr > 0")
+        return cfg
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of plain text-to-image generation with learned concepts."""
+
+    model: str = option(None, "local diffusers pipeline folder or hub id")
+    embeddings: list[str] = option([], "learned_embeds.safetensors file or run folder; repeatable",
+                                   action="append")
+    prompt: str = option(None, "the prompt; learned tokens are used as written ('<cute-cat>')")
+    negative_prompt: str = option(None, "what to steer away from")
+    num_images: int = option(4, "images to generate")
+    steps: int = option(50, "denoising steps")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale")
+    height: int = option(None, "image height in pixels (default: the model's)")
+    width: int = option(None, "image width in pixels (default: the model's)")
+    seed: int = option(8888, "random seed; image i uses seed + i, so any image can be remade alone")
+    out: str = option(None, "folder for the PNGs and generation.json")
+
+    def resolved(self) -> GenerateConfig:
+        for name in ("model", "prompt", "out"):
+            if not getattr(self, name):
+                raise CompinvError(f"--{name.replace('_', '-')} is required")
+        if self.num_images < 1 or self.steps < 1:
+            raise CompinvError("--num-images and --steps must be >= 1")
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """The scalar type of an annotation such as `int`, `str | None` or `list[str]`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0]
+    return tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field; defaults are None so we can tell what was given."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        tp = _base_type(hints[f.name])
+        if tp is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = f" (default: {default})" if default not in (None, []) else ""
+        parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=None,
+                            help=help_text + shown, **meta)
+
+
+def _coerce(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise CompinvError(f"{source}: unknown key {key!r}; valid keys: {', '.join(sorted(names))}")
+        tp = _base_type(hints[name])
+        if typing.get_origin(hints[name]) is list or hints[name] == list[str]:
+            value = [value] if isinstance(value, str) else list(value or [])
+        elif value is not None and not isinstance(value, tp):
+            try:
+                value = tp(value)
+            except (TypeError, ValueError) as exc:
+                raise CompinvError(f"{source}: key {key!r} must be {tp.__name__}, got {value!r}") from exc
+        out[name] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of option names (dashes or underscores) to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompinvError(f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CompinvError(f"--config {path}: not valid YAML or JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CompinvError(f"--config {path}: must hold a mapping of option names to values")
+    return data
+
+
+def build_config(cls: type, args: argparse.Namespace, config_file: str | None = None) -> Any:
+    """Dataclass defaults, then the config file, then the flags actually given."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_coerce(cls, load_config_file(config_file), f"--config {config_file}"))
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None and given != []:
+            values[f.name] = given
+    return cls(**values)
+
+
+def config_to_json(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)

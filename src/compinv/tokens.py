@@ -1,0 +1,81 @@
+"""Concept tokens: add a multi-vector placeholder to the tokenizer and text encoder.
+
+We follow diffusers' naming so artifacts and prompts agree with `load_textual_inversion`:
+a concept `<cute-cat>` with N vectors is the tokens `<cute-cat>`, `<cute-cat>_1`, …,
+`<cute-cat>_{N-1}`, and a prompt mentions it by its first name only; `expand_prompt`
+writes all N names, exactly as diffusers' `maybe_convert_prompt` does at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from compinv.errors import CompinvError
+
+
+@dataclass(frozen=True)
+class ConceptToken:
+    """A placeholder added to a tokenizer: its N token strings and their ids."""
+
+    token: str
+    names: tuple[str, ...]
+    ids: tuple[int, ...]
+
+    @property
+    def text(self) -> str:
+        """All vector names, space separated: what a prompt must contain to use every vector."""
+        return " ".join(self.names)
+
+
+def vector_names(token: str, num_vectors: int) -> tuple[str, ...]:
+    """diffusers' names for the vectors of a multi-vector token."""
+    return (token,) + tuple(f"{token}_{i}" for i in range(1, num_vectors))
+
+
+def single_token_id(tokenizer: CLIPTokenizer, word: str, flag: str) -> int:
+    """The id of a word that must be exactly one token (an init or anchor word)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise CompinvError(
+            f"{flag} {word!r} is {len(ids)} tokens {pieces}, but it must be exactly one; "
+            "choose a single-token word (a common English noun such as 'cat' or 'toy')")
+    return ids[0]
+
+
+def add_concept_token(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, token: str, num_vectors: int,
+    init_id: int,
+) -> ConceptToken:
+    """Add `token` with `num_vectors` vectors, each row initialised to the init word's row."""
+    if num_vectors < 1:
+        raise CompinvError(f"--num-vectors {num_vectors}: must be at least 1")
+    if not token or any(c.isspace() for c in token):
+        raise CompinvError(f"--token {token!r}: must be one word without spaces, e.g. '<cute-cat>'")
+    names = vector_names(token, num_vectors)
+    vocab = tokenizer.get_vocab()
+    # A word that already tokenizes to one id ("cat" is "cat</w>") is taken as surely as an
+    # added token: adding it again would silently redefine an ordinary word.
+    taken = [n for n in names if n in vocab or len(tokenizer(n, add_special_tokens=False).input_ids) == 1]
+    if taken:
+        raise CompinvError(
+            f"--token {token!r} is already in the tokenizer's vocabulary ({', '.join(taken)}); "
+            "choose a new word, e.g. one in angle brackets like '<my-cat>'")
+    tokenizer.add_tokens(list(names), special_tokens=False)
+    ids = tuple(tokenizer.convert_tokens_to_ids(list(names)))
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        weight = text_encoder.get_input_embeddings().weight
+        weight[list(ids)] = weight[init_id].clone()
+    return ConceptToken(token=token, names=names, ids=ids)
+
+
+def expand_prompt(prompt: str, concept: ConceptToken) -> str:
+    """Replace every mention of the concept by all of its vector names."""
+    if len(concept.names) == 1:
+        return prompt
+    words = [concept.text if w == concept.token else w for w in prompt.split(" ")]
+    return " ".join(words)
