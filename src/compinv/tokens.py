@@ -66,7 +66,7 @@ def add_concept_token(
             "choose a new word, e.g. one in angle brackets like '<my-cat>'")
     tokenizer.add_tokens(list(names), special_tokens=False)
     ids = tuple(tokenizer.convert_tokens_to_ids(list(names)))
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         weight = text_encoder.get_input_embeddings().weight
         weight[list(ids)] = weight[init_id].clone()

@@ -1,0 +1,1 @@
+"""Inversion methods: what each one trains and how its artifact is saved."""

@@ -1,0 +1,90 @@
+"""Textual Inversion: learn only the new token's rows of the text encoder's embedding table.
+
+Differences from the official code (KNOWLEDGE.md §3.2): every one of the N vectors appears in
+every training prompt (`<tok> <tok>_1 … <tok>_{N-1} cat`), so all of them are trained and all
+of them are what diffusers' `load_textual_inversion` uses at inference. Every other row of the
+table is restored after each optimiser step, so it stays bit-identical to the base model's
+(AdamW's weight decay would otherwise shrink all 49,408 rows).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextModel
+
+from compinv.artifacts import ensure_writable_dir, save_embeddings
+from compinv.config import TrainConfig
+from compinv.data import ConceptDataset, load_images
+from compinv.models import load_pipeline
+from compinv.tokens import ConceptToken, add_concept_token, expand_prompt, single_token_id
+from compinv.trainer import Trainer, TrainResult, find_checkpoint
+
+
+class TextualInversion:
+    """Trainable state of TI: the embedding table, of which only the concept's rows may change."""
+
+    def __init__(self, text_encoder: CLIPTextModel, concept: ConceptToken):
+        self.text_encoder = text_encoder
+        self.concept = concept
+        self.modules = [text_encoder]
+        text_encoder.requires_grad_(False)
+        self._table = text_encoder.get_input_embeddings().weight
+        self._table.requires_grad_(True)
+        self._frozen = torch.ones(self._table.shape[0], dtype=torch.bool)
+        self._frozen[list(concept.ids)] = False
+        self._original = self._table.detach().clone()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self._table]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Put back every row that is not the concept's (see the module docstring)."""
+        frozen = self._frozen.to(self._table.device)
+        self._table[frozen] = self._original.to(self._table.device)[frozen]
+
+    def learned_vectors(self) -> torch.Tensor:
+        """The concept's vectors, [num_vectors, dim]."""
+        return self._table.detach()[list(self.concept.ids)].clone()
+
+    def expand_prompt(self, prompt: str) -> str:
+        prompt = prompt.replace("{}", self.concept.token)
+        return expand_prompt(prompt, self.concept)
+
+    def save(self, path: Path) -> Path:
+        """diffusers' format, `{token: [N, dim]}`: `pipe.load_textual_inversion(path)` loads it."""
+        return save_embeddings({self.concept.token: self.learned_vectors()}, path)
+
+
+def train_textual_inversion(config: TrainConfig) -> TrainResult:
+    """Learn `config.token` from `config.images`; returns where the embedding was written.
+
+    Everything is checked before any model is loaded or file is written, so a bad input costs
+    seconds and leaves no half-made run folder behind.
+    """
+    cfg = config.resolved()
+    out = ensure_writable_dir(cfg.out, "--out")
+    resume_from = find_checkpoint(out, cfg.resume)
+    images = load_images(cfg.images)
+    pipe = load_pipeline(cfg.model)
+    tokenizer = pipe.tokenizer
+    init_id = single_token_id(tokenizer, cfg.init_word, _source(config, "init_word"))
+    anchor_id = (single_token_id(tokenizer, cfg.anchor_word, _source(config, "anchor_word"))
+                 if cfg.anchor_word else None)
+    concept = add_concept_token(tokenizer, pipe.text_encoder, cfg.token, cfg.num_vectors, init_id)
+    subject = concept.text + (f" {cfg.class_word}" if cfg.class_word else "")
+    dataset = ConceptDataset(images, cfg.resolution, subject, tokenizer, cfg.seed, concept.ids,
+                             anchor_id, center_crop=cfg.center_crop, flip_p=cfg.flip_p)
+    method = TextualInversion(pipe.text_encoder, concept)
+    return Trainer(cfg, pipe, dataset, method, out, resume_from).run()
+
+
+def _source(given: TrainConfig, name: str) -> str:
+    """The flag a derived word came from, so an error names what the user actually typed."""
+    if getattr(given, name):
+        return "--" + name.replace("_", "-")
+    origin = "--class-word" if given.class_word and not given.no_class_word else (
+        "--anchor-word" if name == "init_word" else "--init-word")
+    return f"{origin} (the default {name.replace('_', ' ')})"
