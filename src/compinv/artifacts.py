@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +34,22 @@ def ensure_writable_dir(path: str | Path, flag: str) -> Path:
         raise CompinvError(f"{flag} {path} is not writable ({exc.strerror}); choose another "
                            "folder or fix its permissions") from exc
     return path
+
+
+@contextmanager
+def output_folder(path: str | Path, flag: str) -> Iterator[Path]:
+    """`ensure_writable_dir`, removing the folder again if the run fails before writing to it.
+
+    Bad inputs are found after the folder is checked; they must not leave an empty run folder.
+    """
+    existed = Path(path).exists()
+    out = ensure_writable_dir(path, flag)
+    try:
+        yield out
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _atomic(path: Path, write) -> Path:

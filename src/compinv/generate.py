@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from compinv.artifacts import EMBEDDINGS_FILE, atomic_write_text, ensure_writable_dir, save_image
+from compinv.artifacts import EMBEDDINGS_FILE, atomic_write_text, output_folder, save_image
 from compinv.config import GenerateConfig
 from compinv.errors import CompinvError
 from compinv.models import load_pipeline
@@ -41,7 +41,11 @@ def load_embeddings(pipe: StableDiffusionPipeline, files: list[str | Path]) -> l
 def generate(config: GenerateConfig) -> list[Path]:
     """Generate `num_images` images of `prompt`; image i uses seed + i. Returns the PNG paths."""
     cfg = config.resolved()
-    out = ensure_writable_dir(cfg.out, "--out")
+    with output_folder(cfg.out, "--out") as out:
+        return _generate(cfg, out)
+
+
+def _generate(cfg: GenerateConfig, out: Path) -> list[Path]:
     pipe = load_pipeline(cfg.model)
     tokens = load_embeddings(pipe, cfg.embeddings)
     paths = []

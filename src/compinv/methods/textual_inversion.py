@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel
 
-from compinv.artifacts import ensure_writable_dir, save_embeddings
+from compinv.artifacts import output_folder, save_embeddings
 from compinv.config import TrainConfig
 from compinv.data import ConceptDataset, load_images
 from compinv.models import load_pipeline
@@ -65,7 +65,11 @@ def train_textual_inversion(config: TrainConfig) -> TrainResult:
     seconds and leaves no half-made run folder behind.
     """
     cfg = config.resolved()
-    out = ensure_writable_dir(cfg.out, "--out")
+    with output_folder(cfg.out, "--out") as out:
+        return _train(config, cfg, out)
+
+
+def _train(config: TrainConfig, cfg: TrainConfig, out: Path) -> TrainResult:
     resume_from = find_checkpoint(out, cfg.resume)
     images = load_images(cfg.images)
     pipe = load_pipeline(cfg.model)

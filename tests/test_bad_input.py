@@ -1,0 +1,130 @@
+"""Every bad input: one clear error naming the input and the fix, exit != 0, nothing half-written."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compinv.cli import main
+from compinv.data import load_images
+from compinv.errors import CompinvError
+from compinv.methods.textual_inversion import train_textual_inversion
+from helpers import learned, ti_config
+
+
+def _cli_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert err[-1].startswith("error: ")
+    return err[-1]
+
+
+def _train_argv(model, images, out, *extra):
+    return ["train", "textual-inversion", "--model", str(model), "--images", str(images),
+            "--token", "<cute-cat>", "--class-word", "cat", "--steps", "2", "--resolution", "32",
+            "--batch-size", "1", "--grad-accum", "1", "--out", str(out), *extra]
+
+
+def test_missing_and_empty_image_folder(capsys, tiny_model, tmp_path):
+    msg = _cli_error(capsys, _train_argv(tiny_model, tmp_path / "nope", tmp_path / "out"))
+    assert "--images" in msg and "no such folder" in msg
+    (tmp_path / "empty").mkdir()
+    msg = _cli_error(capsys, _train_argv(tiny_model, tmp_path / "empty", tmp_path / "out"))
+    assert "empty" in msg
+    assert not (tmp_path / "out").exists(), "a failed run must not leave a run folder"
+
+
+def _write_awkward_images(folder):
+    folder.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "deep.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.gif")
+    full = folder / "full.png"
+    Image.fromarray(rgb).save(full)
+    (folder / "truncated.png").write_bytes(full.read_bytes()[:200])
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 50)
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_awkward_images_convert_or_skip_with_warning(tmp_path, caplog):
+    _write_awkward_images(tmp_path / "mixed")
+    with caplog.at_level(logging.WARNING, logger="compinv"):
+        images = load_images(tmp_path / "mixed")
+    assert len(images) == 6
+    assert all(im.mode == "RGB" for im in images)
+    skipped = sorted(r.getMessage().split()[1].rsplit("/", 1)[-1].rstrip(":") for r in caplog.records)
+    assert skipped == ["corrupt.jpg", "notes.txt", "truncated.png"]
+    deep = [im for im in images if np.asarray(im).max() > 200]
+    assert deep, "16-bit images must be scaled, not clipped to white or black"
+
+
+def test_folder_without_readable_image(capsys, tiny_model, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.txt").write_text("hello")
+    msg = _cli_error(capsys, _train_argv(tiny_model, tmp_path / "bad", tmp_path / "out"))
+    assert "none of its 1 files is a readable image" in msg
+
+
+def test_token_already_in_vocabulary(capsys, tiny_model, concept_images, tmp_path):
+    argv = _train_argv(tiny_model, concept_images, tmp_path / "out")
+    argv[argv.index("<cute-cat>")] = "dog"
+    msg = _cli_error(capsys, argv)
+    assert "--token 'dog' is already in the tokenizer's vocabulary" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_multi_token_init_and_anchor_words(capsys, tiny_model, concept_images, tmp_path):
+    msg = _cli_error(capsys, _train_argv(tiny_model, concept_images, tmp_path / "o",
+                                         "--init-word", "teddybear"))
+    assert "--init-word 'teddybear' is 2 tokens ['teddy', 'bear</w>']" in msg
+    msg = _cli_error(capsys, _train_argv(tiny_model, concept_images, tmp_path / "o",
+                                         "--anchor-word", "hydrant"))
+    assert "--anchor-word 'hydrant'" in msg and "exactly one" in msg
+
+
+def test_num_vectors_below_one(capsys, tiny_model, concept_images, tmp_path):
+    msg = _cli_error(capsys, _train_argv(tiny_model, concept_images, tmp_path / "o",
+                                         "--num-vectors", "0"))
+    assert "--num-vectors 0" in msg
+
+
+def test_out_is_a_file_or_not_writable(capsys, tiny_model, concept_images, tmp_path):
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert "is a file" in _cli_error(capsys, _train_argv(tiny_model, concept_images, file))
+    msg = _cli_error(capsys, _train_argv(tiny_model, concept_images, file / "sub"))
+    assert "not writable" in msg
+
+
+def test_resume_without_checkpoint(capsys, tiny_model, concept_images, tmp_path):
+    msg = _cli_error(capsys, _train_argv(tiny_model, concept_images, tmp_path / "o",
+                                         "--resume", "latest"))
+    assert "--resume latest: no checkpoint" in msg
+    msg = _cli_error(capsys, _train_argv(tiny_model, concept_images, tmp_path / "o",
+                                         "--resume", str(tmp_path)))
+    assert "not a compinv checkpoint folder" in msg
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_embedding(tiny_model, concept_images, tmp_path):
+    cfg = ti_config(tiny_model, concept_images, tmp_path / "nan", lr=1e30, scale_lr=False,
+                    steps=5, no_anchor=False)
+    with pytest.raises(CompinvError, match=r"not finite .* at step \d+; stopped") as info:
+        train_textual_inversion(cfg)
+    assert "last good embedding" in str(info.value)
+    assert torch.isfinite(learned(tmp_path / "nan" / "learned_embeds.safetensors")).all()
+
+
+def test_unknown_config_key(capsys, tiny_model, concept_images, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("stepz: 3\n")
+    msg = _cli_error(capsys, _train_argv(tiny_model, concept_images, tmp_path / "o",
+                                         "--config", str(config)))
+    assert "unknown key 'stepz'" in msg
