@@ -1,0 +1,118 @@
+"""Layout guidance: the cross-attention loss and the latent update (KNOWLEDGE.md §2).
+
+Same algorithm and constants as the official code (after Chen et al. 2023): for each concept,
+token and attention map, act = sum(A_t * M) / sum(A_t) and the loss is (1 - act)^2, averaged
+over heads and tokens, summed over concepts and maps, divided by (#concepts x #maps). On each
+guided step: while loss > threshold and fewer than max iterations, z <- z - grad(scale * loss)
+* sigma_t^2. A guidance pass is conditional-only and stops the UNet right after the last map
+the loss reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from compinv.errors import CompinvError
+from compinv.spatial.attention import AttentionRecorder, StopForward
+from compinv.spatial.layout import Box, box_mask
+from compinv.spatial.options import GuidanceConfig
+
+
+@dataclass(frozen=True)
+class Target:
+    """One concept of the layout: its phrase, token positions and boxes."""
+
+    phrase: str
+    positions: tuple[int, ...]
+    boxes: tuple[Box, ...]
+
+
+def map_grid(num_pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an attention map with `num_pixels` cells for latents of `latent_hw`.
+
+    Each UNet level halves the latent size (rounding up), so try the downsampling factors in turn;
+    this also covers non-square images, which the official sqrt(HW) did not.
+    """
+    h, w = latent_hw
+    for level in range(8):
+        gh, gw = math.ceil(h / 2**level), math.ceil(w / 2**level)
+        if gh * gw == num_pixels:
+            return gh, gw
+    raise RuntimeError(f"attention map of {num_pixels} cells does not fit latents of {h}x{w}")
+
+
+def attention_loss(maps: dict[str, torch.Tensor], targets: Sequence[Target],
+                   latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Unscaled loss per image, shape [batch]; `maps` hold [batch, heads, HW, tokens] tensors."""
+    total = 0.0
+    for probs in maps.values():
+        gh, gw = map_grid(probs.shape[2], latent_hw)
+        for target in targets:
+            mask = box_mask(target.boxes, gh, gw).to(probs).flatten()
+            token_maps = probs[..., list(target.positions)]  # [B, heads, HW, n]
+            act = (token_maps * mask[:, None]).sum(2) / token_maps.sum(2)  # [B, heads, n]
+            total = total + ((1 - act) ** 2).mean(1).mean(-1)
+    return total / (len(targets) * len(maps))
+
+
+def noise_level(scheduler, step_index: int, timestep: torch.Tensor) -> float:
+    """The scheduler's sigma at this step, else sqrt((1 - alpha_bar_t) / alpha_bar_t)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) > step_index:
+        return float(sigmas[step_index])
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise CompinvError(f"scheduler {type(scheduler).__name__} has neither sigmas nor "
+                           "alphas_cumprod, so layout guidance has no noise level to scale its "
+                           "step with; use --scheduler lms, ddim, pndm, euler or dpm")
+    alpha = alphas[int(timestep)].double()
+    return float(((1 - alpha) / alpha).sqrt())
+
+
+def check_scheduler(scheduler) -> None:
+    """Fail before generating when the scheduler offers no noise level at all."""
+    if getattr(scheduler, "sigmas", None) is None and getattr(scheduler, "alphas_cumprod", None) is None:
+        noise_level(scheduler, 0, torch.tensor(0))
+
+
+def guided_pass(unet, recorder: AttentionRecorder, model_input: torch.Tensor, timestep,
+                cond_embeds: torch.Tensor, cross_attention_kwargs: dict | None) -> dict[str, torch.Tensor]:
+    """Run the UNet only as far as the last recorded map; return the maps with their graph."""
+    recorder.mode = "guide"
+    try:
+        unet(model_input, timestep, encoder_hidden_states=cond_embeds,
+             cross_attention_kwargs=cross_attention_kwargs, return_dict=False)
+    except StopForward:
+        pass
+    return recorder.take()
+
+
+def guide_step(unet, scheduler, recorder: AttentionRecorder, latents: torch.Tensor,
+               step_index: int, cond_embeds: torch.Tensor, targets: Sequence[Target],
+               config: GuidanceConfig, cross_attention_kwargs: dict | None = None,
+               ) -> tuple[torch.Tensor, list[float]]:
+    """Guidance iterations of one denoising step; returns the new latents and each iteration's
+    unscaled loss (mean over the batch). No graph survives an iteration."""
+    timestep = scheduler.timesteps[step_index]
+    sigma = noise_level(scheduler, step_index, timestep)
+    previous_mode, losses = recorder.mode, []
+    try:
+        for _ in range(config.max_iterations):
+            z = latents.detach().requires_grad_(True)
+            with torch.enable_grad():
+                maps = guided_pass(unet, recorder, scheduler.scale_model_input(z, timestep),
+                                   timestep, cond_embeds, cross_attention_kwargs)
+                loss = attention_loss(maps, targets, tuple(z.shape[-2:]))
+                (grad,) = torch.autograd.grad(loss.sum() * config.loss_scale, z)
+            del maps
+            latents = (z - grad * sigma**2).detach()
+            losses.append(float(loss.mean()))
+            if float(loss.max()) <= config.loss_threshold:
+                break
+    finally:
+        recorder.mode, recorder.maps = previous_mode, {}
+    return latents, losses

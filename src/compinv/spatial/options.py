@@ -1,0 +1,46 @@
+"""Layout-guidance settings: the official constants (KNOWLEDGE.md §2) as defaults.
+
+Kept free of torch imports: the CLI reads these defaults to build its flags, and
+`compinv --help` must stay instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compinv.errors import CompinvError
+
+HEAD_MODES = ("all", "official")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """How hard, how long and on which attention maps layout guidance pushes the latents.
+
+    `attention_blocks=None` means the official choice: the UNet's mid block and its first up
+    block with cross-attention. `heads="official"` keeps only the second half of each map's
+    heads, reproducing a batch-chunk quirk of the official code (4 of 8 heads), for comparisons.
+    """
+
+    loss_scale: float = 30.0
+    loss_threshold: float = 0.2
+    max_iterations: int = 5
+    guided_steps: int = 10
+    attention_blocks: tuple[str, ...] | None = None
+    heads: str = "all"
+
+    def validated(self, num_inference_steps: int) -> GuidanceConfig:
+        """Reject settings that cannot work for a run of `num_inference_steps` steps."""
+        if self.guided_steps < 0 or self.guided_steps > num_inference_steps:
+            raise CompinvError(
+                f"guided steps {self.guided_steps}: must be between 0 and the number of denoising "
+                f"steps ({num_inference_steps}); lower --guided-steps or raise --steps")
+        if self.max_iterations < 1:
+            raise CompinvError(f"max iterations {self.max_iterations}: must be >= 1 "
+                               "(use --guided-steps 0 to switch guidance off)")
+        if self.loss_scale <= 0 or self.loss_threshold < 0:
+            raise CompinvError(f"loss scale {self.loss_scale} must be > 0 and loss threshold "
+                               f"{self.loss_threshold} >= 0")
+        if self.heads not in HEAD_MODES:
+            raise CompinvError(f"heads {self.heads!r}: use one of {', '.join(HEAD_MODES)}")
+        return self
