@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -55,3 +56,14 @@ def test_console_script_reports_errors_on_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: --images {tmp_path / 'missing'}: no such folder; pass the folder with the "
         "concept's images"]
+
+
+def test_demo_in_reduced_mode(tmp_path, capsys):
+    from compinv.demo import run_demo
+
+    out = run_demo(tmp_path / "demo", steps=2)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"vanilla-ti", "semantic-ti"}
+    for row in summary.values():
+        assert len(list(Path(row["images"]).glob("*.png"))) == 2
+    assert "tiny random" in capsys.readouterr().out

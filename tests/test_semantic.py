@@ -3,7 +3,7 @@
 import torch
 
 from compinv.models import build_tiny_pipeline
-from compinv.semantic import anchor_loss
+from compinv.semantic import anchor_loss, captured_input_embeddings, input_embeddings
 from compinv.tokens import add_concept_token, single_token_id
 
 
@@ -19,7 +19,11 @@ def test_anchor_loss_equals_closed_form_l2_pull():
     ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     anchor_ids = torch.where(torch.isin(ids, torch.tensor(concept.ids)), cat, ids)
 
-    loss = anchor_loss(enc, ids, anchor_ids)
+    with captured_input_embeddings(enc) as captured:
+        enc(ids)
+    with torch.no_grad():
+        target = input_embeddings(enc, anchor_ids)
+    loss = anchor_loss(captured[0], target)
 
     # Independent: only placeholder rows differ; each occurrence adds ||row - cat||^2.
     per_occurrence = ((table[list(concept.ids)] - table[cat]) ** 2).sum(dim=1).detach()
@@ -36,6 +40,8 @@ def test_anchor_loss_gradient_reaches_only_concept_rows():
     anchor_ids = torch.where(ids == concept.ids[0], cat, ids)
     table = enc.get_input_embeddings().weight
     table.requires_grad_(True)
-    anchor_loss(enc, ids, anchor_ids).backward()
+    with captured_input_embeddings(enc) as captured:
+        enc(ids)
+    anchor_loss(captured[0], input_embeddings(enc, anchor_ids)).backward()
     rows_with_grad = table.grad.abs().sum(dim=1).nonzero().flatten().tolist()
     assert rows_with_grad == [concept.ids[0]]

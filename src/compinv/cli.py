@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train and generate on an offline model, end to end")
     demo.add_argument("--out", default="demo-output")
-    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--steps", type=int, default=100)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

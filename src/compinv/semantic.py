@@ -12,6 +12,9 @@ The input embeddings come from the encoder's own embedding module: no forked tex
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel
@@ -25,14 +28,27 @@ def input_embeddings(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> to
     return getattr(text_encoder, "text_model", text_encoder).embeddings(input_ids=input_ids)
 
 
-def anchor_loss(text_encoder: CLIPTextModel, input_ids: torch.Tensor,
-                anchor_ids: torch.Tensor) -> torch.Tensor:
-    """MSE between the prompt's input embeddings and the anchor prompt's (a fixed target).
+@contextmanager
+def captured_input_embeddings(text_encoder: CLIPTextModel) -> Iterator[list[torch.Tensor]]:
+    """Keep the input embeddings the encoder computes in its own forward pass.
 
-    The target is detached: the anchor word is an attractor, it must not be pulled toward the
-    concept (its row is frozen anyway, but a gradient on it would waste optimizer state).
+    The anchor loss reads the very tensor the transformer consumed, so the training step does
+    no second lookup and no second backward into the 49,408-row table: the anchor gradient joins
+    the reconstruction gradient before the one embedding backward.
     """
-    prompt = input_embeddings(text_encoder, input_ids)
-    with torch.no_grad():
-        target = input_embeddings(text_encoder, anchor_ids)
-    return F.mse_loss(prompt.float(), target.float())
+    captured: list[torch.Tensor] = []
+    module = getattr(text_encoder, "text_model", text_encoder).embeddings
+    handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def anchor_loss(prompt_embeddings: torch.Tensor, anchor_embeddings: torch.Tensor) -> torch.Tensor:
+    """MSE over all B x 77 x dim elements between a prompt's and its anchor prompt's embeddings.
+
+    `anchor_embeddings` is a fixed target (compute it under no_grad): the anchor word is an
+    attractor and must not be pulled toward the concept.
+    """
+    return F.mse_loss(prompt_embeddings.float(), anchor_embeddings.detach().float())

@@ -37,7 +37,7 @@ from compinv.artifacts import atomic_write_text, save_image
 from compinv.config import TrainConfig
 from compinv.data import Batch, ConceptDataset
 from compinv.errors import CompinvError
-from compinv.semantic import anchor_loss
+from compinv.semantic import anchor_loss, captured_input_embeddings, input_embeddings
 from compinv.versions import library_versions
 
 CHECKPOINT_DIR = "checkpoints"
@@ -172,7 +172,9 @@ class Trainer:
         timesteps = timesteps.to(acc.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         input_ids = batch.input_ids.to(acc.device)
-        hidden = self.text_encoder(input_ids)[0].to(self.weight_dtype)
+        encoder = acc.unwrap_model(self.text_encoder)
+        with captured_input_embeddings(encoder) as embedded:
+            hidden = self.text_encoder(input_ids)[0].to(self.weight_dtype)
         pred = pipe.unet(noisy, timesteps, hidden).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -180,8 +182,9 @@ class Trainer:
             target = noise
         terms = {"rec": F.mse_loss(pred.float(), target.float())}
         if cfg.anchor_weight > 0 and batch.anchor_ids is not None:
-            encoder = acc.unwrap_model(self.text_encoder)
-            terms["anchor"] = anchor_loss(encoder, input_ids, batch.anchor_ids.to(acc.device))
+            with torch.no_grad():
+                anchor = input_embeddings(encoder, batch.anchor_ids.to(acc.device))
+            terms["anchor"] = anchor_loss(embedded[0], anchor)
         else:
             terms["anchor"] = torch.zeros((), device=acc.device)
         terms["loss"] = cfg.recon_weight * terms["rec"] + cfg.anchor_weight * terms["anchor"]
@@ -200,7 +203,7 @@ class Trainer:
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         logs: dict[str, float] = {}
         while self.global_step < cfg.steps:
-            logs = self._optimisation_step()
+            logs = self.step()
             self.global_step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4g}",
@@ -212,7 +215,8 @@ class Trainer:
         acc.end_training()
         return TrainResult(self.out, final, self.global_step, logs)
 
-    def _optimisation_step(self) -> dict[str, float]:
+    def step(self) -> dict[str, float]:
+        """One optimisation step (grad_accum micro-batches); returns the mean loss terms."""
         acc = self.accelerator
         sums = {"loss": 0.0, "rec": 0.0, "anchor": 0.0}
         for micro in range(self.cfg.grad_accum):

@@ -64,12 +64,13 @@ def train_textual_inversion(config: TrainConfig) -> TrainResult:
     Everything is checked before any model is loaded or file is written, so a bad input costs
     seconds and leaves no half-made run folder behind.
     """
+    with output_folder(config.resolved().out, "--out") as out:
+        return build_trainer(config, out).run()
+
+
+def build_trainer(config: TrainConfig, out: Path) -> Trainer:
+    """Load the model, add the token and set up the loop; `.run()` trains (benchmarks time `.step()`)."""
     cfg = config.resolved()
-    with output_folder(cfg.out, "--out") as out:
-        return _train(config, cfg, out)
-
-
-def _train(config: TrainConfig, cfg: TrainConfig, out: Path) -> TrainResult:
     resume_from = find_checkpoint(out, cfg.resume)
     images = load_images(cfg.images)
     pipe = load_pipeline(cfg.model)
@@ -82,7 +83,7 @@ def _train(config: TrainConfig, cfg: TrainConfig, out: Path) -> TrainResult:
     dataset = ConceptDataset(images, cfg.resolution, subject, tokenizer, cfg.seed, concept.ids,
                              anchor_id, center_crop=cfg.center_crop, flip_p=cfg.flip_p)
     method = TextualInversion(pipe.text_encoder, concept)
-    return Trainer(cfg, pipe, dataset, method, out, resume_from).run()
+    return Trainer(cfg, pipe, dataset, method, out, resume_from)
 
 
 def _source(given: TrainConfig, name: str) -> str:
