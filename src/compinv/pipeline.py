@@ -16,15 +16,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-)
+import diffusers
+from diffusers import StableDiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
@@ -32,26 +25,16 @@ from compinv.errors import CompinvError
 from compinv.spatial.attention import AttentionRecorder, cross_attention_layers, recording
 from compinv.spatial.guidance import Target, check_scheduler, guide_step, map_grid
 from compinv.spatial.layout import Layout, LayoutLike, resolve_layout
-from compinv.spatial.options import GuidanceConfig
+from compinv.spatial.options import SCHEDULER_CLASSES, GuidanceConfig
 from compinv.spatial.phrases import phrase_positions
-
-SCHEDULERS = {
-    "lms": LMSDiscreteScheduler,  # the official code's guided runs
-    "ddim": DDIMScheduler,
-    "pndm": PNDMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler-a": EulerAncestralDiscreteScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-}
-
 
 def use_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
     """Swap in scheduler `name` built from the model's scheduler config ("model": keep it)."""
     if name == "model":
         return
-    if name not in SCHEDULERS:
-        raise CompinvError(f"--scheduler {name!r}: use one of model, {', '.join(SCHEDULERS)}")
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    if name not in SCHEDULER_CLASSES:
+        raise CompinvError(f"--scheduler {name!r}: use one of model, {', '.join(SCHEDULER_CLASSES)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(pipe.scheduler.config)
 
 
 @dataclass
@@ -139,9 +122,11 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
                 else [(p, ()) for p in dict.fromkeys(phrases or [])])
         if not plan:
             raise CompinvError("return_attention=True without a layout needs phrases=[...]")
-        config = (guidance or GuidanceConfig()).validated(arguments["num_inference_steps"])
-        if layout is not None and config.guided_steps:
-            check_scheduler(self.scheduler)
+        config = guidance or GuidanceConfig()
+        if layout is not None:
+            config.validated(arguments["num_inference_steps"])
+            if config.guided_steps:
+                check_scheduler(self.scheduler)
         positions = phrase_positions(self.tokenizer, prompt, [p for p, _ in plan],
                                      expand=lambda text: self.maybe_convert_prompt(text, self.tokenizer))
         targets = [Target(p, tuple(positions[p]), boxes) for p, boxes in plan]
@@ -153,9 +138,10 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
                                      heads=config.heads)
         cond = None
         if guide and config.guided_steps:
-            cond = self.encode_prompt(arguments["prompt"], self._execution_device,
-                                      arguments["num_images_per_prompt"], False,
-                                      clip_skip=arguments["clip_skip"])[0]
+            with torch.no_grad():  # the loss differentiates w.r.t. the latents only
+                cond = self.encode_prompt(arguments["prompt"], self._execution_device,
+                                          arguments["num_images_per_prompt"], False,
+                                          clip_skip=arguments["clip_skip"])[0]
         return _Session(recorder, targets, config, cond, arguments["cross_attention_kwargs"],
                         heat_maps)
 
