@@ -1,7 +1,7 @@
 """Cost of semantic inversion: time per Textual Inversion step with the anchor loss vs without.
 
 Both variants run in the same process on the same model and batch; their steps are interleaved
-(A, B, A, B, ...) so machine load drifts affect both alike, and the median step time is compared.
+(A, B, B, A, ...) so machine load drifts and cache effects hit both alike, and the median step time is compared.
 Target: anchor / no-anchor <= 1.02. Writes benchmarks/results/train.json.
 
     python benchmarks/bench_train.py [--sizes tiny mid] [--steps 12]
@@ -47,8 +47,10 @@ def bench_size(size: str, steps: int, workdir: Path) -> dict:
                           save_every=0, validation_every=0, **extra)
         trainers[name] = build_trainer(cfg, Path(cfg.out))
     times: dict[str, list[float]] = {name: [] for name in trainers}
+    names = list(trainers)
     for i in range(steps + 2):
-        for name, trainer in trainers.items():
+        for name in names if i % 2 else names[::-1]:  # alternate who goes first
+            trainer = trainers[name]
             start = time.perf_counter()
             trainer.step()
             if i >= 2:  # the first steps pay for lazy initialisation

@@ -120,10 +120,15 @@ def test_interrupted_and_resumed_run_ends_with_same_embedding(tiny_model, images
     assert torch.equal(learned(whole.embeddings_path), learned(resumed.embeddings_path))
 
 
-def test_bf16_mixed_precision_trains(tiny_model, images, tmp_path):
-    result = train_textual_inversion(ti_config(tiny_model, images, tmp_path / "bf16", steps=2,
-                                               mixed_precision="bf16"))
-    assert torch.isfinite(learned(result.embeddings_path)).all()
+@pytest.mark.parametrize("settings", [{"mixed_precision": "bf16"},
+                                      {"gradient_checkpointing": True}])
+def test_memory_options_train(tiny_model, images, tmp_path, settings):
+    result = train_textual_inversion(ti_config(tiny_model, images, tmp_path / "run", steps=2,
+                                               init_word="dog", **settings))
+    vectors = learned(result.embeddings_path)
+    assert torch.isfinite(vectors).all()
+    pipe, base = _base_table(tiny_model)
+    assert not torch.equal(vectors[0], base[pipe.tokenizer("dog").input_ids[1]])
 
 
 def test_tensorboard_logs_each_loss_term(tiny_model, images, tmp_path):
