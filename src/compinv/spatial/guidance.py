@@ -82,12 +82,14 @@ def check_scheduler(scheduler) -> None:
 def guided_pass(unet, recorder: AttentionRecorder, model_input: torch.Tensor, timestep,
                 cond_embeds: torch.Tensor, cross_attention_kwargs: dict | None) -> dict[str, torch.Tensor]:
     """Run the UNet only as far as the last recorded map; return the maps with their graph."""
-    recorder.mode = "guide"
+    previous_mode, recorder.mode = recorder.mode, "guide"
     try:
         unet(model_input, timestep, encoder_hidden_states=cond_embeds,
              cross_attention_kwargs=cross_attention_kwargs, return_dict=False)
     except StopForward:
         pass
+    finally:
+        recorder.mode = previous_mode
     return recorder.take()
 
 
@@ -99,20 +101,17 @@ def guide_step(unet, scheduler, recorder: AttentionRecorder, latents: torch.Tens
     unscaled loss (mean over the batch). No graph survives an iteration."""
     timestep = scheduler.timesteps[step_index]
     sigma = noise_level(scheduler, step_index, timestep)
-    previous_mode, losses = recorder.mode, []
-    try:
-        for _ in range(config.max_iterations):
-            z = latents.detach().requires_grad_(True)
-            with torch.enable_grad():
-                maps = guided_pass(unet, recorder, scheduler.scale_model_input(z, timestep),
-                                   timestep, cond_embeds, cross_attention_kwargs)
-                loss = attention_loss(maps, targets, tuple(z.shape[-2:]))
-                (grad,) = torch.autograd.grad(loss.sum() * config.loss_scale, z)
-            del maps
-            latents = (z - grad * sigma**2).detach()
-            losses.append(float(loss.mean()))
-            if float(loss.max()) <= config.loss_threshold:
-                break
-    finally:
-        recorder.mode, recorder.maps = previous_mode, {}
+    losses = []
+    for _ in range(config.max_iterations):
+        z = latents.detach().requires_grad_(True)
+        with torch.enable_grad():
+            maps = guided_pass(unet, recorder, scheduler.scale_model_input(z, timestep),
+                               timestep, cond_embeds, cross_attention_kwargs)
+            loss = attention_loss(maps, targets, tuple(z.shape[-2:]))
+            (grad,) = torch.autograd.grad(loss.sum() * config.loss_scale, z)
+        latents = (z - grad * sigma**2).detach()
+        loss = loss.detach()
+        losses.append(float(loss.mean()))
+        if float(loss.max()) <= config.loss_threshold:
+            break
     return latents, losses
