@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from compinv.errors import CompinvError
+from compinv.spatial.options import SCHEDULER_CLASSES, GuidanceConfig
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -128,6 +129,28 @@ class GenerateConfig:
     width: int = option(None, "image width in pixels (default: the model's)")
     seed: int = option(8888, "random seed; image i uses seed + i, so any image can be remade alone")
     out: str = option(None, "folder for the PNGs and generation.json")
+    scheduler: str = option("lms", "denoising scheduler ('model': the one saved with the model; "
+                                   "lms: the official code's)", choices=["model", *SCHEDULER_CLASSES])
+    box: list[str] = option([], "layout guidance: 'PHRASE=x0,y0,x1,y1' puts PHRASE of the prompt "
+                                "in that box (fractions of width/height; several boxes: "
+                                "'PHRASE=BOX+BOX'); repeatable", action="append")
+    layout: str = option(None, "'auto': place the --phrase phrases side by side, left to right "
+                               "(two: the official boxes)", choices=["auto"])
+    phrase: list[str] = option([], "a phrase of the prompt for --layout auto or --save-attention; "
+                                   "repeatable", action="append")
+    save_attention: bool = option(False, "write each phrase's cross-attention heat-map over the "
+                                         "image as attention-IMAGE-PHRASE.png")
+    loss_scale: float = option(GuidanceConfig.loss_scale, "weight of the layout attention loss")
+    loss_threshold: float = option(GuidanceConfig.loss_threshold, "stop a step's guidance once "
+                                                                   "the unscaled loss is this low")
+    max_iterations: int = option(GuidanceConfig.max_iterations, "guidance iterations per guided step")
+    guided_steps: int = option(GuidanceConfig.guided_steps, "guide the first N denoising steps")
+    attention_block: list[str] = option([], "diffusers block whose cross-attention the loss reads, "
+                                            "e.g. mid_block, up_blocks.1; repeatable (default: the "
+                                            "mid block and the first up block with cross-attention)",
+                                        action="append")
+    official_heads: bool = option(False, "read only half of the attention heads, as the official "
+                                         "code does by accident (for comparisons)")
 
     def resolved(self) -> GenerateConfig:
         for name in ("model", "prompt", "out"):
@@ -135,7 +158,28 @@ class GenerateConfig:
                 raise CompinvError(f"--{name.replace('_', '-')} is required")
         if self.num_images < 1 or self.steps < 1:
             raise CompinvError("--num-images and --steps must be >= 1")
+        if self.box and self.layout:
+            raise CompinvError("--box and --layout auto exclude each other; give boxes or 'auto'")
+        if self.layout and not self.phrase:
+            raise CompinvError("--layout auto needs the phrases to place: add --phrase WORDS for each")
+        if self.phrase and not (self.layout or self.save_attention):
+            raise CompinvError("--phrase is used with --layout auto or --save-attention; "
+                               "with --box the phrases are named in the boxes")
+        if self.box and self.phrase:
+            raise CompinvError("--box names its phrases itself; drop --phrase")
+        if self.save_attention and not (self.box or self.phrase):
+            raise CompinvError("--save-attention needs phrases: --box PHRASE=... or --phrase WORDS")
+        if self.box or self.layout:
+            self.guidance().validated(self.steps)
         return self
+
+    def guidance(self) -> GuidanceConfig:
+        """The layout-guidance settings of these flags."""
+        return GuidanceConfig(
+            loss_scale=self.loss_scale, loss_threshold=self.loss_threshold,
+            max_iterations=self.max_iterations, guided_steps=self.guided_steps,
+            attention_blocks=tuple(self.attention_block) or None,
+            heads="official" if self.official_heads else "all")
 
 
 def _flag(name: str) -> str:

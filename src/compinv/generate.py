@@ -1,17 +1,25 @@
-"""Plain generation with learned concepts: load embeddings into a stock pipeline, write PNGs."""
+"""Generation with learned concepts: load embeddings, optionally guide a layout, write PNGs.
+
+Images come from `CompositionalStableDiffusionPipeline`, which without a layout is exactly
+diffusers' `StableDiffusionPipeline`.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image, ImageDraw
 
 from compinv.artifacts import EMBEDDINGS_FILE, atomic_write_text, output_folder, save_image
 from compinv.config import GenerateConfig
 from compinv.errors import CompinvError
 from compinv.models import load_pipeline
+from compinv.pipeline import CompositionalStableDiffusionPipeline, use_scheduler
+from compinv.spatial.layout import Box, layout_to_json, parse_box_flag, resolve_layout
 from compinv.versions import library_versions
 
 
@@ -41,28 +49,81 @@ def load_embeddings(pipe: StableDiffusionPipeline, files: list[str | Path]) -> l
 def generate(config: GenerateConfig) -> list[Path]:
     """Generate `num_images` images of `prompt`; image i uses seed + i. Returns the PNG paths."""
     cfg = config.resolved()
+    layout = _layout_request(cfg)
     with output_folder(cfg.out, "--out") as out:
-        return _generate(cfg, out)
+        return _generate(cfg, out, layout)
 
 
-def _generate(cfg: GenerateConfig, out: Path) -> list[Path]:
-    pipe = load_pipeline(cfg.model)
+def _layout_request(cfg: GenerateConfig) -> dict:
+    """The pipeline's layout/phrases/guidance arguments for these flags, checked before loading."""
+    if cfg.box:
+        request = {"layout": resolve_layout([parse_box_flag(spec) for spec in cfg.box]),
+                   "guidance": cfg.guidance()}
+    elif cfg.layout:
+        request = {"layout": resolve_layout(cfg.layout, cfg.phrase), "guidance": cfg.guidance()}
+    else:
+        request = {"phrases": cfg.phrase} if cfg.phrase else {}
+    if cfg.save_attention:
+        request["return_attention"] = True
+    return request
+
+
+def _generate(cfg: GenerateConfig, out: Path, layout: dict) -> list[Path]:
+    pipe = CompositionalStableDiffusionPipeline.from_pipe(load_pipeline(cfg.model))
+    pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, cfg.scheduler)
     tokens = load_embeddings(pipe, cfg.embeddings)
-    paths = []
+    paths, losses, heat_maps, resolved = [], [], [], None
     for i in range(cfg.num_images):
         generator = torch.Generator(device=pipe.device).manual_seed(cfg.seed + i)
-        image = pipe(
+        result = pipe(
             cfg.prompt, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-            generator=generator,
-        ).images[0]
+            generator=generator, **layout,
+        )
+        image = result.images[0]
         paths.append(save_image(image, out / f"{i:04d}.png"))
+        if layout:
+            resolved = result.layout
+            losses.append(result.guidance_losses)
+            heat_maps += _save_heat_maps(image, result, out, i)
     record = {
         "config": {k: v for k, v in vars(cfg).items()},
         "tokens_loaded": tokens,
         "scheduler": type(pipe.scheduler).__name__,
         "images": [p.name for p in paths],
+        "layout": layout_to_json(resolved) if resolved else None,
+        "guidance_losses": losses if resolved else None,
+        "attention_maps": [p.name for p in heat_maps],
         "versions": library_versions(),
     }
     atomic_write_text(out / "generation.json", json.dumps(record, indent=2))
     return paths
+
+
+def _save_heat_maps(image: Image.Image, result, out: Path, index: int) -> list[Path]:
+    """attention-<image>-<phrase>.png for each phrase, when attention maps were asked for."""
+    if not result.attention_maps:
+        return []
+    boxes = dict(result.layout or [])
+    paths = []
+    for k, (phrase, heat) in enumerate(result.attention_maps.items()):
+        picture = heat_map_picture(image, heat[0].numpy(), boxes.get(phrase, ()))
+        slug = "".join(c if c.isalnum() else "-" for c in phrase).strip("-") or str(k)
+        paths.append(save_image(picture, out / f"attention-{index:04d}-{k}-{slug}.png"))
+    return paths
+
+
+def heat_map_picture(image: Image.Image, heat: np.ndarray, boxes: tuple[Box, ...] = ()) -> Image.Image:
+    """The image dimmed, with `heat` ([H, W] in [0, 1]) as a dark-blue-to-red overlay and the
+    phrase's boxes outlined, so one sees where a concept's attention went."""
+    anchors = np.array([0.0, 0.33, 0.66, 1.0])
+    colours = np.array([[0, 0, 80], [0, 160, 255], [255, 230, 0], [255, 0, 0]], dtype=float)
+    rgb = np.stack([np.interp(heat, anchors, colours[:, c]) for c in range(3)], -1)
+    base = np.asarray(image.convert("RGB"), dtype=float)
+    picture = Image.fromarray((0.35 * base + 0.65 * rgb).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    w, h = picture.size
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=(255, 255, 255))
+    return picture

@@ -1,0 +1,65 @@
+"""`compinv generate` with --box / --layout auto / --save-attention, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from compinv.cli import main
+from compinv.config import GenerateConfig
+from compinv.spatial.options import GuidanceConfig
+
+QUICK = ["--steps", "3", "--guided-steps", "2", "--max-iterations", "2", "--num-images", "1",
+         "--height", "32", "--width", "32"]
+
+
+def test_generate_with_boxes_and_attention_maps(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    code = main(["generate", "--model", str(tiny_model), "--prompt", "a cat and a red backpack",
+                 "--box", "cat=0.1,0.2,0.5,0.8", "--box", "red backpack=0.6,0.2,0.95,0.8",
+                 "--save-attention", "--out", str(out), *QUICK])
+    assert code == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert record["scheduler"] == "LMSDiscreteScheduler"
+    assert record["layout"] == [{"phrase": "cat", "boxes": [[0.1, 0.2, 0.5, 0.8]]},
+                                {"phrase": "red backpack", "boxes": [[0.6, 0.2, 0.95, 0.8]]}]
+    (losses,) = record["guidance_losses"]  # one image, two guided steps, two iterations each
+    assert [len(step) for step in losses] == [2, 2] and all(0 <= v <= 1 for s in losses for v in s)
+    assert record["attention_maps"] == ["attention-0000-0-cat.png", "attention-0000-1-red-backpack.png"]
+    for name in record["attention_maps"]:
+        assert Image.open(out / name).size == (32, 32)
+
+
+def test_generate_auto_layout(tiny_model, tmp_path):
+    out = tmp_path / "auto"
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "a cat and a dog",
+                 "--layout", "auto", "--phrase", "cat", "--phrase", "dog", "--scheduler", "ddim",
+                 "--out", str(out), *QUICK]) == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert record["layout"][1] == {"phrase": "dog", "boxes": [[0.6, 0.2, 0.95, 0.8]]}
+    assert record["scheduler"] == "DDIMScheduler" and record["attention_maps"] == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--box", "cat=0.5,0.2,0.1,0.8"], "x0 < x1"),
+    (["--box", "cat=0,0,1,1", "--box", "cat=0,0,0.5,0.5"], "given twice"),
+    (["--box", "horse=0,0,1,1"], "tokens are: a cat and a dog"),
+    (["--layout", "auto"], "needs the phrases"),
+    (["--box", "cat=0,0,1,1", "--guided-steps", "9"], "guided steps 9"),
+    (["--save-attention"], "needs phrases"),
+])
+def test_bad_layout_flags_exit_nonzero_with_one_line(tiny_model, tmp_path, capsys, flags, message):
+    out = tmp_path / "bad"
+    code = main(["generate", "--model", str(tiny_model), "--prompt", "a cat and a dog",
+                 "--out", str(out), *QUICK, *flags])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_guidance_defaults_are_the_official_constants():
+    cfg = GenerateConfig()
+    assert cfg.guidance() == GuidanceConfig() == GuidanceConfig(30.0, 0.2, 5, 10, None, "all")
+    assert cfg.scheduler == "lms"
