@@ -51,6 +51,7 @@ def test_without_layout_output_is_bit_identical_to_stock(base, pipe, scheduler):
     assert np.array_equal(ours.images, expected)
     off = pipe(PROMPT, generator=_seed(), layout=LAYOUT, guidance=GuidanceConfig(guided_steps=0), **FAST)
     assert np.array_equal(off.images, expected)  # guidance switched off: the stock loop untouched
+    assert off.guidance_losses == [] and [p for p, _ in off.layout] == list(LAYOUT)
 
 
 @pytest.mark.parametrize("scheduler", ["lms", "ddim", "dpm"])
@@ -69,6 +70,14 @@ def test_layout_guides_the_first_steps(pipe, scheduler):
     assert len(out.guidance_losses) == 2 and all(len(step) == 2 for step in out.guidance_losses)
     assert out.layout == [(p, (b,)) for p, b in LAYOUT.items()]
     assert np.isfinite(out.images).all() and not np.array_equal(out.images, plain)
+
+
+def test_several_images_per_prompt(pipe):
+    use_scheduler(pipe, "lms")
+    out = pipe(PROMPT, generator=_seed(), layout=LAYOUT, guidance=LIGHT, num_images_per_prompt=2,
+               return_attention=True, **FAST)
+    assert out.images.shape[0] == 2 and out.attention_maps["backpack"].shape == (2, 32, 32)
+    assert len(out.guidance_losses) == 2
 
 
 def test_attention_maps_per_phrase(pipe):

@@ -183,10 +183,9 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
     def _output(self, output, session: _Session, plan: Layout, arguments: dict,
                 return_attention: bool):
         images, nsfw = (output.images, output.nsfw_content_detected) if arguments["return_dict"] else output
-        guided = session.cond_embeds is not None
         maps = self._heat_maps(session) if return_attention else None
-        layout = plan if guided else None
-        losses = session.losses if guided else None
+        layout = plan if any(boxes for _, boxes in plan) else None  # None: phrases only looked at
+        losses = session.losses if layout else None
         if not arguments["return_dict"]:
             return images, nsfw, losses, maps
         return CompositionalPipelineOutput(images=images, nsfw_content_detected=nsfw,

@@ -1,0 +1,206 @@
+"""Cost of layout guidance: plain generation vs guided (early-exit UNet) vs a full-UNet reference.
+
+The reference is the same algorithm with the recorder's early exit switched off, so each guidance
+iteration runs the whole UNet as the official code does; its latents must match ours (checked).
+
+(a) one guidance iteration in units of one plain classifier-free-guidance step (UNet on the
+    batch of 2), medians of interleaved repetitions in one process; target <= 1.0;
+(b) guided / plain wall time of a whole 50-step generation, worst case (threshold 0: every
+    allowed iteration runs, 5 x 10) and early stop (threshold 1: one iteration per guided step);
+(c) peak memory: each end-to-end variant runs in a fresh subprocess that samples its resident
+    set size (/proc/self/statm) every 2 ms; we report the peak above the RSS after the model
+    was built (tracemalloc does not see torch's CPU allocations).
+Single-threaded by default (--threads) so timings on a shared machine are stable.
+
+    python benchmarks/bench_guidance.py [--sizes tiny mid] [--steps 50] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from compinv.models import build_tiny_pipeline
+from compinv.pipeline import CompositionalStableDiffusionPipeline, use_scheduler
+from compinv.spatial.attention import AttentionRecorder, cross_attention_layers, recording
+from compinv.spatial.guidance import Target, attention_loss, guided_pass
+from compinv.spatial.options import GuidanceConfig
+from compinv.versions import library_versions
+
+RESULTS = Path(__file__).parent / "results" / "guidance.json"
+PROMPT, PHRASES = "a cat and a backpack", ["cat", "backpack"]
+VARIANTS = {  # name -> (guidance threshold, full UNet per iteration); None: no layout
+    "plain": None,
+    "guided_worst": (0.0, False),
+    "guided_early": (1.0, False),
+    "reference_worst": (0.0, True),
+}
+
+
+class ReferencePipeline(CompositionalStableDiffusionPipeline):
+    """Runs the whole UNet at every guidance iteration (no early exit), as the official code."""
+
+    def _start_session(self, *args, **kwargs):
+        session = super()._start_session(*args, **kwargs)
+        session.recorder.stop_after = None
+        return session
+
+
+def _pipeline(size: str, reference: bool = False) -> CompositionalStableDiffusionPipeline:
+    cls = ReferencePipeline if reference else CompositionalStableDiffusionPipeline
+    pipe = cls.from_pipe(build_tiny_pipeline(size))
+    pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, "lms")
+    return pipe
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_variant(size: str, variant: str, steps: int) -> dict:
+    """One end-to-end generation in this (fresh) process: wall time and peak RSS increment."""
+    setting = VARIANTS[variant]
+    pipe = _pipeline(size, reference=bool(setting and setting[1]))
+    kwargs = {}
+    if setting is not None:
+        kwargs = dict(layout="auto", phrases=PHRASES, guidance=GuidanceConfig(loss_threshold=setting[0]))
+    baseline, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    out = pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+               output_type="np", **kwargs)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    losses = getattr(out, "guidance_losses", None)
+    return {"seconds": seconds, "peak_rss_increase_mb": max(peak[0] - baseline, 0) / 2**20,
+            "guidance_iterations": sum(map(len, losses)) if losses else 0,
+            "losses": [v for step in losses or [] for v in step]}
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def iteration_costs(size: str, reps: int) -> dict:
+    """(a): median ms of one CFG step, one guidance iteration, one full-UNet iteration."""
+    pipe = _pipeline(size)
+    unet, side = pipe.unet, pipe.unet.config.sample_size
+    with torch.no_grad():
+        cond = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    latents = torch.randn(1, 4, side, side)
+    targets = [Target("cat", (2,), ((0.1, 0.2, 0.5, 0.8),)),
+               Target("backpack", (5,), ((0.6, 0.2, 0.95, 0.8),))]
+    recorder = AttentionRecorder(cross_attention_layers(unet, None))
+    t = torch.tensor(981)
+
+    def cfg_step():
+        with torch.no_grad():
+            unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([cond] * 2))
+
+    def iteration(stop_after):
+        def run():
+            recorder.stop_after = stop_after
+            z = latents.clone().requires_grad_(True)
+            loss = attention_loss(guided_pass(unet, recorder, z, t, cond, None), targets, (side, side))
+            torch.autograd.grad(loss.sum(), z)
+        return run
+
+    with recording(unet, recorder):
+        ms = {"cfg_step": [], "guidance_iteration": [], "reference_iteration": []}
+        for _ in range(reps):  # interleaved, so load drifts hit all three alike
+            ms["cfg_step"].append(_median_ms(cfg_step, 1))
+            ms["guidance_iteration"].append(_median_ms(iteration(recorder.layers[-1]), 1))
+            ms["reference_iteration"].append(_median_ms(iteration(None), 1))
+    return {k: statistics.median(v) for k, v in ms.items()}
+
+
+def bench_size(size: str, steps: int, reps: int, threads: int) -> dict:
+    costs = iteration_costs(size, reps)
+    runs = {}
+    for variant in VARIANTS:
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", size, variant, str(steps), "--threads", str(threads)],
+            capture_output=True, text=True, check=True)
+        runs[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+    plain = runs["plain"]
+    return {
+        "size": size, "steps": steps, "ms": costs,
+        "iteration_in_cfg_steps": costs["guidance_iteration"] / costs["cfg_step"],
+        "reference_iteration_in_cfg_steps": costs["reference_iteration"] / costs["cfg_step"],
+        "runs": runs,
+        "time_ratio": {v: runs[v]["seconds"] / plain["seconds"] for v in runs},
+        "memory_ratio": {v: (runs[v]["peak_rss_increase_mb"] / plain["peak_rss_increase_mb"]
+                             if plain["peak_rss_increase_mb"] else None) for v in runs},
+        "reference_max_loss_difference": max(
+            abs(a - b) for a, b in zip(runs["reference_worst"]["losses"], runs["guided_worst"]["losses"])),
+    }
+
+
+def _table(results: list[dict]) -> str:
+    rows = ["| model | variant | guidance iterations | seconds | x plain time | peak RSS +MB | x plain memory |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for v, run in r["runs"].items():
+            mem = r["memory_ratio"][v]
+            rows.append(f"| {r['size']} | {v} | {run['guidance_iterations']} | {run['seconds']:.2f} | "
+                        f"{r['time_ratio'][v]:.2f} | {run['peak_rss_increase_mb']:.0f} | "
+                        + (f"{mem:.2f} |" if mem is not None else "n/a |"))
+    rows.append("")
+    rows.append("| model | CFG step ms | guidance iteration ms (x CFG step) | full-UNet iteration ms (x CFG step) |")
+    rows.append("|---|---|---|---|")
+    for r in results:
+        ms = r["ms"]
+        rows.append(f"| {r['size']} | {ms['cfg_step']:.1f} | {ms['guidance_iteration']:.1f} "
+                    f"({r['iteration_in_cfg_steps']:.2f}) | {ms['reference_iteration']:.1f} "
+                    f"({r['reference_iteration_in_cfg_steps']:.2f}) |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--reps", type=int, default=7, help="repetitions of each iteration timing")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", nargs=3, metavar=("SIZE", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        size, variant, steps = args.child
+        print(json.dumps(run_variant(size, variant, int(steps))))
+        return
+    results = [bench_size(s, args.steps, args.reps, args.threads) for s in args.sizes]
+    print(_table(results))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"threads": args.threads, "results": results,
+                                   "versions": library_versions()}, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
