@@ -88,6 +88,9 @@ def guided_pass(unet, recorder: AttentionRecorder, model_input: torch.Tensor, ti
              cross_attention_kwargs=cross_attention_kwargs, return_dict=False)
     except StopForward:
         pass
+    except BaseException:
+        recorder.maps = {}  # a failed pass must not keep its partial graph alive
+        raise
     finally:
         recorder.mode = previous_mode
     return recorder.take()
