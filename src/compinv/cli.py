@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from compinv.config import GenerateConfig, TrainConfig, add_arguments, build_config
+from compinv.config import (CustomDiffusionConfig, DreamBoothConfig, GenerateConfig,
+                            TrainConfig, add_arguments, build_config)
 from compinv.errors import CompinvError
 
 
@@ -27,6 +28,20 @@ def _cmd_train_ti(args: argparse.Namespace) -> None:
 
     result = train_textual_inversion(build_config(TrainConfig, args, args.config))
     print(f"learned embedding: {result.embeddings_path}")
+
+
+def _cmd_train_cd(args: argparse.Namespace) -> None:
+    from compinv.methods.custom_diffusion import train_custom_diffusion
+
+    result = train_custom_diffusion(build_config(CustomDiffusionConfig, args, args.config))
+    print(f"learned weights: {result.embeddings_path}")
+
+
+def _cmd_train_db(args: argparse.Namespace) -> None:
+    from compinv.methods.dreambooth import train_dreambooth
+
+    result = train_dreambooth(build_config(DreamBoothConfig, args, args.config))
+    print(f"learned weights: {result.embeddings_path}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -60,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
     add_arguments(ti, TrainConfig)
     ti.set_defaults(func=_cmd_train_ti)
+    for name, cls, func, text in (
+            ("custom-diffusion", CustomDiffusionConfig, _cmd_train_cd,
+             "Custom Diffusion (attn2 K/V + tokens) with semantic inversion"),
+            ("dreambooth", DreamBoothConfig, _cmd_train_db,
+             "DreamBooth (whole UNet or --lora) with semantic inversion")):
+        parser_ = methods.add_parser(name, help=text, description=text)
+        parser_.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
+        add_arguments(parser_, cls)
+        parser_.set_defaults(func=func)
 
     gen = sub.add_parser("generate", help="generate images with learned concepts")
     gen.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")

@@ -112,6 +112,196 @@ class TrainConfig:
             raise CompinvError("--anchor-weight and --recon-weight must be >= 0 and --lr > 0")
         return cfg
 
+    def effective_lr(self, processes: int) -> float:
+        """--lr, scaled by the global batch when --scale-lr is on."""
+        return self.lr * self.batch_size * self.grad_accum * processes if self.scale_lr else self.lr
+
+
+CONCEPT_KEYS = ("token", "class_word", "anchor_word", "init_word", "images", "instance_prompt",
+                "class_prompt", "class_images")
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One concept of a Custom Diffusion / DreamBooth run (from flags or one --concepts entry).
+
+    `instance_prompt` and `class_prompt` may hold '{}' for the token (with its class word).
+    `class_prompt` may instead be a .txt file with one caption per class image.
+    """
+
+    token: str
+    images: str
+    class_word: str | None = None
+    anchor_word: str | None = None
+    init_word: str | None = None
+    instance_prompt: str | None = None
+    class_prompt: str | None = None
+    class_images: str | None = None
+
+    def resolved(self, where: str) -> ConceptSpec:
+        """Fill the anchor/init words from the class word, as --class-word does for TI."""
+        anchor = self.anchor_word or self.class_word or self.init_word
+        init = self.init_word or self.class_word or self.anchor_word
+        if init is None:
+            raise CompinvError(f"{where}: needs class_word, init_word or anchor_word "
+                               "(e.g. class_word: cat)")
+        if self.instance_prompt and "{}" not in self.instance_prompt \
+                and self.token not in self.instance_prompt.split():
+            raise CompinvError(f"{where}: instance_prompt {self.instance_prompt!r} must contain "
+                               f"the token {self.token!r} or '{{}}'")
+        return dataclasses.replace(self, anchor_word=anchor, init_word=init)
+
+
+def load_concepts_file(path: str | Path) -> list[ConceptSpec]:
+    """Read a YAML or JSON list of concepts; every schema error names the entry and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompinvError(f"--concepts {path}: file not found; pass a YAML or JSON list of concepts")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CompinvError(f"--concepts {path}: not valid YAML or JSON ({exc})") from exc
+    if not isinstance(data, list) or not data:
+        raise CompinvError(f"--concepts {path}: must be a non-empty list of concepts, each a mapping "
+                           "with at least 'token' and 'images'")
+    return [_concept_entry(entry, f"--concepts {path}: entry {i + 1}") for i, entry in enumerate(data)]
+
+
+def _concept_entry(entry: Any, where: str) -> ConceptSpec:
+    if not isinstance(entry, dict):
+        raise CompinvError(f"{where}: must be a mapping (token: ..., images: ...), got {entry!r}")
+    for key, value in entry.items():
+        if key not in CONCEPT_KEYS:
+            raise CompinvError(f"{where}: unknown key {key!r}; valid keys: {', '.join(CONCEPT_KEYS)}")
+        if value is not None and not isinstance(value, str):
+            raise CompinvError(f"{where}: key {key!r} must be a string, got {value!r}")
+    for key in ("token", "images"):
+        if not entry.get(key):
+            raise CompinvError(f"{where}: missing key {key!r}")
+    return ConceptSpec(**entry)
+
+
+@dataclass
+class ConceptTrainConfig(TrainConfig):
+    """Settings shared by Custom Diffusion and DreamBooth: several concepts and prior preservation."""
+
+    concepts: str = option(None, "YAML or JSON list of concepts (keys: " + ", ".join(CONCEPT_KEYS)
+                                 + "); replaces --images/--token/--class-word/...")
+    instance_prompt: str = option(None, "training prompt; '{}' stands for the token and its class "
+                                        "word (default: 'photo of a {}')")
+    class_prompt: str = option(None, "prompt of the prior-preservation images (default: 'photo of a "
+                                     "CLASS-WORD'), or a .txt file with one caption per class image")
+    class_images: str = option(None, "folder of real class images for prior preservation (any "
+                                     "number); without it, --num-class-images are generated")
+    prior_weight: float = option(0.0, "weight of the prior-preservation loss (official: 1.0; "
+                                      "0: no prior preservation)")
+    num_class_images: int = option(200, "class images to generate per concept when no "
+                                        "--class-images folder is given")
+    class_image_steps: int = option(50, "denoising steps for generated class images")
+    steps: int = option(500, "optimisation steps")
+    batch_size: int = option(2, "instance images per micro-batch and process (prior preservation "
+                                "adds as many class images)")
+    grad_accum: int = option(1, "micro-batches per optimisation step")
+    scale_lr: bool = option(False, "multiply --lr by batch size x grad accumulation x processes")
+    flip_p: float = option(0.0, "probability of a horizontal flip")
+    max_grad_norm: float = option(1.0, "clip gradients to this norm (0: no clipping)")
+    repeats: int = option(1, "how often each image appears per epoch")
+
+    def concept_specs(self) -> list[ConceptSpec]:
+        """The run's concepts: the --concepts file, or the one concept of the flags."""
+        if self.concepts:
+            specs = load_concepts_file(self.concepts)
+            where = [f"--concepts {self.concepts}: entry {i + 1}" for i in range(len(specs))]
+        else:
+            specs = [ConceptSpec(token=self.token, images=self.images, class_word=self.class_word,
+                                 anchor_word=self.anchor_word, init_word=self.init_word,
+                                 instance_prompt=self.instance_prompt,
+                                 class_prompt=self.class_prompt, class_images=self.class_images)]
+            where = ["--token/--images"]
+        specs = [s.resolved(w) for s, w in zip(specs, where)]
+        seen: dict[str, int] = {}
+        for i, spec in enumerate(specs):
+            if spec.token in seen:
+                raise CompinvError(f"--concepts {self.concepts}: entries {seen[spec.token] + 1} and "
+                                   f"{i + 1} both use the token {spec.token!r}; give each concept "
+                                   "its own token")
+            seen[spec.token] = i
+        if self.prior_weight > 0:
+            for spec, w in zip(specs, where):
+                if not (spec.class_word or spec.class_prompt):
+                    raise CompinvError(f"{w}: prior preservation (--prior-weight > 0) needs a "
+                                       "class word or a class prompt")
+        if self.anchor_weight > 0 and any(s.anchor_word is None for s in specs):
+            raise CompinvError("--anchor-word is required for semantic inversion "
+                               "(or pass --no-anchor)")
+        return specs
+
+    def resolved(self) -> ConceptTrainConfig:
+        cfg = dataclasses.replace(self)
+        given = [n for n in ("images", "token", "class_word", "init_word", "anchor_word",
+                             "instance_prompt", "class_prompt", "class_images") if getattr(cfg, n)]
+        if cfg.concepts and given:
+            raise CompinvError(f"--concepts replaces --{given[0].replace('_', '-')}; put it in the "
+                               "concepts file or drop --concepts")
+        if cfg.concepts:  # fill what TrainConfig.resolved checks; concepts are checked above
+            cfg.images, cfg.token, cfg.init_word = "<concepts>", "<concepts>", "<concepts>"
+        cfg = TrainConfig.resolved(cfg)
+        if self.concepts:
+            cfg.images = cfg.token = cfg.init_word = cfg.anchor_word = None
+        if cfg.no_class_word:
+            raise CompinvError("--no-class-word is a Textual Inversion option; leave --class-word "
+                               "out of the instance prompt with --instance-prompt instead")
+        if cfg.prior_weight < 0 or cfg.num_class_images < 1 or cfg.class_image_steps < 1:
+            raise CompinvError("--prior-weight must be >= 0, --num-class-images and "
+                               "--class-image-steps >= 1")
+        cfg.concept_specs()
+        return cfg
+
+
+@dataclass
+class CustomDiffusionConfig(ConceptTrainConfig):
+    """Custom Diffusion (attn2 K/V + token rows) with the official code's settings."""
+
+    freeze_model: str = option("crossattn_kv", "what of the cross-attention layers is trained: "
+                                               "K and V, or K, V, Q and the output projection",
+                               choices=["crossattn_kv", "crossattn"])
+    no_aug: bool = option(False, "turn off the scale augmentation (shrink/zoom with loss masks)")
+    hflip: bool = option(False, "random horizontal flips")
+    lr: float = option(4e-5, "learning rate (doubled with prior preservation, as officially)")
+
+    def effective_lr(self, processes: int) -> float:
+        """The official script doubles the rate when class images share the batch."""
+        lr = super().effective_lr(processes)
+        return lr * 2 if self.prior_weight > 0 else lr
+
+    def resolved(self) -> CustomDiffusionConfig:
+        cfg = ConceptTrainConfig.resolved(self)
+        cfg.flip_p = 0.5 if cfg.hflip else cfg.flip_p
+        return cfg
+
+
+@dataclass
+class DreamBoothConfig(ConceptTrainConfig):
+    """DreamBooth (whole UNet, or a LoRA of it, + token rows) with the official code's settings."""
+
+    train_text_encoder: bool = option(False, "also train the whole text encoder")
+    lora: bool = option(False, "train a LoRA of the UNet's attention instead of the whole UNet")
+    lora_rank: int = option(4, "rank of the LoRA matrices")
+    lr: float = option(1e-5, "learning rate (LoRA typically needs ~1e-4)")
+    steps: int = option(800, "optimisation steps")
+    batch_size: int = option(1, "instance images per micro-batch and process")
+    recon_weight: float = option(0.6, "weight of the diffusion reconstruction loss")
+    anchor_weight: float = option(0.4, "weight of the semantic anchor loss")
+
+    def resolved(self) -> DreamBoothConfig:
+        cfg = ConceptTrainConfig.resolved(self)
+        if cfg.lora and cfg.train_text_encoder:
+            raise CompinvError("--lora with --train-text-encoder is not supported; the LoRA adapts "
+                               "the UNet (the token rows are trained either way)")
+        if cfg.lora_rank < 1:
+            raise CompinvError(f"--lora-rank {cfg.lora_rank}: must be >= 1")
+        return cfg
+
 
 @dataclass
 class GenerateConfig:
@@ -120,6 +310,8 @@ class GenerateConfig:
     model: str = option(None, "local diffusers pipeline folder or hub id")
     embeddings: list[str] = option([], "learned_embeds.safetensors file or run folder; repeatable",
                                    action="append")
+    concept: list[str] = option([], "run folder of `compinv train` (any method: textual-inversion, "
+                                    "custom-diffusion, dreambooth, LoRA); repeatable", action="append")
     prompt: str = option(None, "the prompt; learned tokens are used as written ('<cute-cat>')")
     negative_prompt: str = option(None, "what to steer away from")
     num_images: int = option(4, "images to generate")

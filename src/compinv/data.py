@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from compinv.errors import CompinvError
@@ -49,14 +50,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_images(folder: str | Path, flag: str = "--images") -> list[Image.Image]:
+def load_images(folder: str | Path, flag: str = "--images",
+                what: str = "the concept's images") -> list[Image.Image]:
     """Read every decodable image of a folder; skip (with a warning) what cannot be decoded."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CompinvError(f"{flag} {folder}: no such folder; pass the folder with the concept's images")
+        raise CompinvError(f"{flag} {folder}: no such folder; pass the folder with {what}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise CompinvError(f"{flag} {folder}: the folder is empty; put 3-20 images of the concept in it")
+        raise CompinvError(f"{flag} {folder}: the folder is empty; put {what} in it"
+                           + (" (3-20 are typical)" if flag == "--images" else ""))
     images = []
     for path in files:
         try:
@@ -67,7 +70,7 @@ def load_images(folder: str | Path, flag: str = "--images") -> list[Image.Image]
             log.warning("skipping %s: not a readable image (%s)", path, exc)
     if not images:
         raise CompinvError(f"{flag} {folder}: none of its {len(files)} files is a readable image "
-                           "(PNG, JPEG, WebP, ...); add the concept's photos")
+                           f"(PNG, JPEG, WebP, ...); add {what}")
     return images
 
 
@@ -94,6 +97,8 @@ class Batch:
     input_ids: torch.Tensor
     anchor_ids: torch.Tensor | None
     generators: list[torch.Generator]
+    mask: torch.Tensor | None = None  # [B, 1, h, w] at latent size: where the loss counts
+    is_prior: torch.Tensor | None = None  # [B] bool: class images of prior preservation
 
 
 class ConceptDataset:
@@ -160,3 +165,268 @@ class ConceptDataset:
             anchor_ids=self.anchor_ids_for(input_ids),
             generators=[sample_generator(self.seed, i, salt=2) for i in indices],
         )
+
+
+# Custom Diffusion's scale augmentation (KNOWLEDGE.md §2): the prompt says what happened.
+SMALL_PREFIXES = ("a far away ", "very small ")
+ZOOM_PREFIXES = ("zoomed in ", "close up ")
+
+
+@dataclass
+class ConceptSamples:
+    """One concept's material: its photos and prompt, and its class images for prior preservation."""
+
+    images: list[Image.Image]
+    prompt: str
+    placeholder_ids: tuple[int, ...]
+    anchor_id: int | None
+    class_images: list[Image.Image]
+    class_captions: list[str]
+
+
+def read_captions(class_prompt: str | None, count: int, where: str) -> list[str] | None:
+    """Captions from a .txt file (one line per class image, in file-name order), or None."""
+    if not class_prompt or not class_prompt.endswith(".txt"):
+        return None
+    path = Path(class_prompt)
+    if not path.is_file():
+        raise CompinvError(f"{where}: class prompt file {path} not found; give a prompt or a .txt "
+                           "file with one caption per class image")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) < count:
+        raise CompinvError(f"{where}: {path} has {len(lines)} captions for {count} class images; "
+                           "write one line per image (in file-name order)")
+    return lines[:count]
+
+
+def ensure_class_images(pipe, prompt: str, folder: Path, count: int, resolution: int, steps: int,
+                        seed: int) -> list[Image.Image]:
+    """`count` images of `prompt` from the base model, generated once and cached in `folder`.
+
+    Image i uses seed + i and is written atomically as soon as it exists, so an interrupted run
+    generates only the missing ones when started again.
+    """
+    from compinv.artifacts import atomic_write_text, save_image
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "prompt.txt", prompt + "\n")
+    missing = [i for i in range(count) if not (folder / f"class-{i:05d}.png").is_file()]
+    pipe.set_progress_bar_config(disable=True)
+    for i in tqdm(missing, desc=f"class images '{prompt}'", disable=not missing):
+        generator = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            image = pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
+                         generator=generator).images[0]
+        save_image(image, folder / f"class-{i:05d}.png")
+    return [_read_png(folder / f"class-{i:05d}.png") for i in range(count)]
+
+
+def _read_png(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
+class MultiConceptDataset:
+    """Concept photos (+ class images) of Custom Diffusion / DreamBooth; `batch()` is a pure
+    function of its indices, like `ConceptDataset`, so resume and data parallel stay exact.
+
+    Sample i is a concept photo from a stream that visits every photo of every concept once per
+    epoch; with prior preservation, a class image of the same concept joins it in the batch.
+    """
+
+    def __init__(self, concepts: list[ConceptSamples], resolution: int, tokenizer, seed: int,
+                 latent_factor: int, scale_aug: bool = False, flip_p: float = 0.0,
+                 center_crop: bool = True, prior: bool = False):
+        self.concepts = concepts
+        self.resolution, self.tokenizer, self.seed = resolution, tokenizer, seed
+        self.latent_factor, self.scale_aug, self.flip_p = latent_factor, scale_aug, flip_p
+        self.center_crop, self.prior = center_crop, prior
+        self.pixels = [[resize_shorter_side(im, resolution) for im in c.images] for c in concepts]
+        self.class_pixels = [[resize_shorter_side(im, resolution) for im in c.class_images]
+                             for c in concepts]
+        self.stream = [(c, i) for c, imgs in enumerate(self.pixels) for i in range(len(imgs))]
+        self._ids: dict[str, torch.Tensor] = {}
+        pairs = [(p, c.anchor_id) for c in concepts if c.anchor_id is not None
+                 for p in c.placeholder_ids]
+        self._from = torch.tensor([p for p, _ in pairs], dtype=torch.long)
+        self._to = torch.tensor([a for _, a in pairs], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._ids:
+            self._ids[prompt] = self.tokenizer(
+                prompt, padding="max_length", truncation=True,
+                max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+        return self._ids[prompt]
+
+    def _crop(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        _, h, w = pixels.shape
+        size = self.resolution
+        if self.center_crop:
+            top, left = (h - size) // 2, (w - size) // 2
+        else:
+            top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+        return pixels[:, top : top + size, left : left + size]
+
+    def _choice(self, options: tuple[str, ...], gen: torch.Generator) -> str:
+        return options[int(torch.randint(0, len(options), (1,), generator=gen))]
+
+    def augment(self, pixels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Custom Diffusion's scale augmentation: (pixels, latent-size loss mask, prompt prefix).
+
+        With p 0.66 the photo shrinks to [size/3, size] on a black canvas and the loss only
+        counts where it lies; otherwise it is zoomed to [1.2, 1.4] x size and cropped.
+        """
+        size, f = self.resolution, self.latent_factor
+        mask = torch.ones(1, size // f, size // f)
+        if not self.scale_aug:
+            return pixels, mask, ""
+        if float(torch.rand(1, generator=gen)) < 0.66:
+            scale = int(torch.randint(size // 3, size + 1, (1,), generator=gen))
+        else:
+            scale = int(torch.randint(int(1.2 * size), int(1.4 * size) + 1, (1,), generator=gen))
+        scale += scale % 2
+        resized = F.interpolate(pixels[None], size=(scale, scale), mode="bilinear",
+                                antialias=True, align_corners=False)[0]
+        if scale >= size:
+            top, left = (int(torch.randint(0, scale - size + 1, (1,), generator=gen)) for _ in range(2))
+            prefix = self._choice(ZOOM_PREFIXES, gen) if scale > size else ""
+            return resized[:, top : top + size, left : left + size], mask, prefix
+        top, left = (int(torch.randint(0, size - scale + 1, (1,), generator=gen)) for _ in range(2))
+        canvas = torch.full_like(pixels, -1.0)
+        canvas[:, top : top + scale, left : left + scale] = resized
+        mask = torch.zeros_like(mask)
+        # One latent cell of margin, as the official code: edge cells mix image and canvas.
+        y0, y1 = top // f + 1, max(top // f + 2, (top + scale) // f - 1)
+        x0, x1 = left // f + 1, max(left // f + 2, (left + scale) // f - 1)
+        mask[:, y0:y1, x0:x1] = 1.0
+        prefix = self._choice(SMALL_PREFIXES, gen) if scale < 0.6 * size else ""
+        return canvas, mask, prefix
+
+    def _stream_entry(self, index: int) -> tuple[int, int]:
+        epoch, offset = divmod(index, len(self.stream))
+        order = torch.randperm(len(self.stream), generator=sample_generator(self.seed, epoch, salt=1))
+        return self.stream[int(order[offset])]
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concept photo `index`: pixels, prompt ids, loss mask."""
+        gen = sample_generator(self.seed, index)
+        concept, image = self._stream_entry(index)
+        pixels = self._crop(self.pixels[concept][image], gen)
+        if float(torch.rand(1, generator=gen)) < self.flip_p:
+            pixels = pixels.flip(-1)
+        pixels, mask, prefix = self.augment(pixels, gen)
+        return pixels, self.tokenize(prefix + self.concepts[concept].prompt), mask
+
+    def class_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The class image paired with concept photo `index` (same concept), unaugmented."""
+        gen = sample_generator(self.seed, index, salt=3)
+        concept, _ = self._stream_entry(index)
+        images = self.class_pixels[concept]
+        k = int(torch.randint(0, len(images), (1,), generator=gen))
+        pixels = self._crop(images[k], gen)
+        if float(torch.rand(1, generator=gen)) < self.flip_p:
+            pixels = pixels.flip(-1)
+        f = self.latent_factor
+        mask = torch.ones(1, self.resolution // f, self.resolution // f)
+        return pixels, self.tokenize(self.concepts[concept].class_captions[k]), mask
+
+    def anchor_ids_for(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Every placeholder id replaced by its own concept's anchor id (each concept its own word)."""
+        if not len(self._from):
+            return None
+        match = input_ids[..., None] == self._from
+        replaced = (match.long() * self._to).sum(-1)
+        return torch.where(match.any(-1), replaced, input_ids)
+
+    def batch(self, indices: list[int]) -> Batch:
+        samples = [self.sample(i) for i in indices]
+        gens = [sample_generator(self.seed, i, salt=2) for i in indices]
+        if self.prior:
+            samples += [self.class_sample(i) for i in indices]
+            gens += [sample_generator(self.seed, i, salt=4) for i in indices]
+        pixels, ids, masks = (torch.stack(x) for x in zip(*samples))
+        is_prior = torch.arange(len(samples)) >= len(indices) if self.prior else None
+        return Batch(pixels=pixels, input_ids=ids, anchor_ids=self.anchor_ids_for(ids),
+                     generators=gens, mask=masks if self.scale_aug else None, is_prior=is_prior)
+
+
+def _where(cfg, index: int) -> str:
+    return f"--concepts {cfg.concepts}: entry {index + 1}" if cfg.concepts else "--images"
+
+
+def read_concept_material(cfg) -> list[tuple[list[Image.Image], list[Image.Image], list[str] | None]]:
+    """Every concept's photos and real class images (+ captions), read before any model loads.
+
+    Returns, per concept, (photos, class images, captions); captions None means "use the class
+    prompt"; no class images with prior preservation on means "generate them".
+    """
+    material = []
+    for i, spec in enumerate(cfg.concept_specs()):
+        where = _where(cfg, i)
+        photos = load_images(spec.images, f"{where} images" if cfg.concepts else "--images")
+        classes: list[Image.Image] = []
+        captions = None
+        if cfg.prior_weight > 0 and spec.class_images:
+            flag = f"{where} class_images" if cfg.concepts else "--class-images"
+            classes = load_images(spec.class_images, flag, "images of the class (any number >= 1)")
+            captions = read_captions(spec.class_prompt, len(classes), flag)
+        material.append((photos, classes, captions))
+    return material
+
+
+def build_concept_dataset(cfg, pipe, out: Path, material, scale_aug: bool):
+    """Add every concept's token (anchored to its own word) and build the training data.
+
+    Missing class images are generated with the base model *before* the tokens are added, and
+    cached under `out/class_images/`. Returns (concept tokens, dataset).
+    """
+    from compinv.tokens import add_concept_tokens, single_token_id
+
+    specs = cfg.concept_specs()
+    tokenizer = pipe.tokenizer
+    anchors = [single_token_id(tokenizer, s.anchor_word, f"{_where(cfg, i)} anchor word")
+               if cfg.anchor_weight > 0 else None for i, s in enumerate(specs)]
+    class_sets = [_class_set(cfg, pipe, out, spec, classes, captions)
+                  for spec, (_, classes, captions) in zip(specs, material)]
+    tokens = add_concept_tokens(tokenizer, pipe.text_encoder,
+                                [(s.token, s.init_word) for s in specs], cfg.num_vectors)
+    concepts = [ConceptSamples(images=photos, prompt=_instance_prompt(spec, tok.text),
+                               placeholder_ids=tok.ids, anchor_id=anchor,
+                               class_images=cls[0], class_captions=cls[1])
+                for spec, tok, anchor, (photos, _, _), cls in zip(specs, tokens, anchors, material,
+                                                                  class_sets)]
+    latent_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    dataset = MultiConceptDataset(concepts, cfg.resolution, tokenizer, cfg.seed, latent_factor,
+                                  scale_aug=scale_aug, flip_p=cfg.flip_p,
+                                  center_crop=cfg.center_crop, prior=cfg.prior_weight > 0)
+    return tokens, dataset
+
+
+def _instance_prompt(spec, token_text: str) -> str:
+    """The concept's training prompt: '{}' becomes the token (all vectors) and its class word."""
+    subject = token_text + (f" {spec.class_word}" if spec.class_word else "")
+    prompt = spec.instance_prompt or "photo of a {}"
+    if "{}" in prompt:
+        return prompt.replace("{}", subject)
+    return " ".join(token_text if w == spec.token else w for w in prompt.split(" "))
+
+
+def _class_set(cfg, pipe, out: Path, spec, classes, captions) -> tuple[list[Image.Image], list[str]]:
+    """(class images, their captions) of one concept; generated when no real ones were given."""
+    if cfg.prior_weight <= 0:
+        return [], []
+    prompt = spec.class_prompt or f"photo of a {spec.class_word}"
+    if classes:
+        return classes, captions or [prompt] * len(classes)
+    if prompt.endswith(".txt"):
+        raise CompinvError(f"class prompt {prompt}: a captions file needs real class images; give "
+                           "class_images (--class-images) or a plain class prompt")
+    slug = "".join(c if c.isalnum() else "-" for c in prompt).strip("-")[:80]
+    images = ensure_class_images(pipe, prompt, out / "class_images" / slug, cfg.num_class_images,
+                                 cfg.resolution, cfg.class_image_steps, cfg.seed)
+    return images, [prompt] * len(images)

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from compinv.artifacts import EMBEDDINGS_FILE, atomic_write_text, output_folder, save_image
+from compinv.concepts import load_concepts
 from compinv.config import GenerateConfig
 from compinv.errors import CompinvError
 from compinv.models import load_pipeline
@@ -72,7 +73,7 @@ def _generate(cfg: GenerateConfig, out: Path, layout: dict) -> list[Path]:
     pipe = CompositionalStableDiffusionPipeline.from_pipe(load_pipeline(cfg.model))
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, cfg.scheduler)
-    tokens = load_embeddings(pipe, cfg.embeddings)
+    tokens = load_concepts(pipe, cfg.concept) + load_embeddings(pipe, cfg.embeddings)
     paths, losses, heat_maps, resolved = [], [], [], None
     for i in range(cfg.num_images):
         generator = torch.Generator(device=pipe.device).manual_seed(cfg.seed + i)

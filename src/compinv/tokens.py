@@ -79,3 +79,53 @@ def expand_prompt(prompt: str, concept: ConceptToken) -> str:
         return prompt
     words = [concept.text if w == concept.token else w for w in prompt.split(" ")]
     return " ".join(words)
+
+
+def add_concept_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
+                       specs: list[tuple[str, str]], num_vectors: int) -> list[ConceptToken]:
+    """Add several concepts at once; `specs` are (token, init word) pairs.
+
+    Every init word is checked before any token is added, so a bad second concept leaves the
+    tokenizer as it was.
+    """
+    tokens = [t for t, _ in specs]
+    repeated = sorted({t for t in tokens if tokens.count(t) > 1})
+    if repeated:
+        raise CompinvError(f"token {repeated[0]!r} is given to several concepts; give each its own")
+    init_ids = [single_token_id(tokenizer, word, f"init word of {token!r}") for token, word in specs]
+    return [add_concept_token(tokenizer, text_encoder, token, num_vectors, init_id)
+            for (token, _), init_id in zip(specs, init_ids)]
+
+
+def expand_concepts(prompt: str, concepts: list[ConceptToken]) -> str:
+    """`expand_prompt` for every concept of a run."""
+    for concept in concepts:
+        prompt = expand_prompt(prompt, concept)
+    return prompt
+
+
+class TrainableRows:
+    """The embedding table of which only the concepts' rows may change.
+
+    The whole table is the optimised parameter (rows cannot be parameters on their own); every
+    other row is put back after each optimiser step so it stays bit-identical to the base
+    model's (AdamW's weight decay would otherwise shrink all 49,408 rows).
+    """
+
+    def __init__(self, text_encoder: CLIPTextModel, ids: list[int]):
+        self.table = text_encoder.get_input_embeddings().weight
+        self.table.requires_grad_(True)
+        self.ids = list(ids)
+        self._frozen = torch.ones(self.table.shape[0], dtype=torch.bool)
+        self._frozen[self.ids] = False
+        self._original = self.table.detach().clone()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back every row that is not a concept's."""
+        frozen = self._frozen.to(self.table.device)
+        self.table[frozen] = self._original.to(self.table.device)[frozen]
+
+    def vectors(self, concept: ConceptToken) -> torch.Tensor:
+        """A concept's vectors, [num_vectors, dim]."""
+        return self.table.detach()[list(concept.ids)].clone()

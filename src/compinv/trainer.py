@@ -1,8 +1,13 @@
 """The one training loop every inversion method shares (accelerate: DDP, mixed precision).
 
 A method object says what is trained and how it is saved; the loop owns everything else:
-batches, the loss (w_rec * diffusion + w_anchor * semantic anchor), optimisation, the NaN
-guard, progress bar, TensorBoard, validation images, checkpoints and resume. A method needs:
+batches, the loss (w_rec * diffusion + w_anchor * semantic anchor + w_prior * prior
+preservation), optimisation, the NaN guard, progress bar, TensorBoard, validation images,
+checkpoints and resume. A method needs:
+
+- `name`: the method's CLI name, recorded in config.json;
+- `artifact_name`: the file or folder in the run folder that `save` writes;
+- `snapshot_dir`: the run sub-folder for the periodic copies of the artifact;
 
 - `modules`: the nn.Modules holding trainable parameters (prepared by accelerate);
 - `parameters()`: the parameters to optimise;
@@ -18,6 +23,9 @@ import importlib.util
 import json
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +53,9 @@ _STATE_FILE = "compinv_state.json"
 
 
 class Method(Protocol):
+    name: str
+    artifact_name: str
+    snapshot_dir: str
     modules: list[torch.nn.Module]
     text_encoder: torch.nn.Module
 
@@ -57,9 +68,30 @@ class Method(Protocol):
 @dataclass
 class TrainResult:
     out: Path
-    embeddings_path: Path
+    embeddings_path: Path  # the final artifact: the embedding file (TI) or the method's folder
     steps: int
     last_losses: dict[str, float]
+
+
+@contextmanager
+def staged_folder(path: Path) -> Iterator[Path]:
+    """Write a folder artifact under a hidden name; move it into place only once complete.
+
+    The previous version is renamed away first and deleted after, so `path` is always either
+    the old complete folder or the new complete one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        yield staging
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        staging.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def find_checkpoint(out: Path, resume: str | None) -> Path | None:
@@ -124,10 +156,11 @@ class Trainer:
 
     def _prepare_models(self) -> None:
         cfg, acc, pipe = self.cfg, self.accelerator, self.pipe
-        pipe.vae.requires_grad_(False)
-        pipe.unet.requires_grad_(False)
         for frozen in (pipe.vae, pipe.unet):
             frozen.to(acc.device)
+            if frozen in self.method.modules:
+                continue  # trained in float32; mixed precision only shrinks frozen weights
+            frozen.requires_grad_(False)
             if frozen.dtype != self.weight_dtype:
                 frozen.to(dtype=self.weight_dtype)
         if cfg.gradient_checkpointing:
@@ -135,8 +168,7 @@ class Trainer:
             pipe.unet.train()
             pipe.text_encoder.gradient_checkpointing_enable()
         processes = acc.num_processes
-        lr = cfg.lr * cfg.batch_size * cfg.grad_accum * processes if cfg.scale_lr else cfg.lr
-        self.lr = lr
+        lr = self.lr = cfg.effective_lr(processes)
         optimizer = torch.optim.AdamW(self.method.parameters(), lr=lr,
                                       betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
@@ -159,8 +191,14 @@ class Trainer:
         return list(range(first, first + bs))
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """w_rec * diffusion MSE + w_anchor * anchor loss, and the terms for logging."""
+        """w_rec * diffusion MSE + w_anchor * anchor + w_prior * prior, and the terms for logging.
+
+        Class images (prior preservation) share the batch; `batch.is_prior` marks them. The
+        anchor loss reads only the concept prompts, so it works with or without prior images
+        (the official code assumed a half-and-half batch: KNOWLEDGE.md §3.4).
+        """
         acc, cfg, pipe = self.accelerator, self.cfg, self.pipe
+        unet_dtype = pipe.unet.dtype
         pixels = batch.pixels.to(acc.device, dtype=self.weight_dtype)
         with torch.no_grad():
             latents = pipe.vae.encode(pixels).latent_dist.sample(generator=batch.generators)
@@ -170,25 +208,41 @@ class Trainer:
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in batch.generators])
         timesteps = timesteps.to(acc.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(unet_dtype)
         input_ids = batch.input_ids.to(acc.device)
         encoder = acc.unwrap_model(self.text_encoder)
         with captured_input_embeddings(encoder) as embedded:
-            hidden = self.text_encoder(input_ids)[0].to(self.weight_dtype)
+            hidden = self.text_encoder(input_ids)[0].to(unet_dtype)
         pred = pipe.unet(noisy, timesteps, hidden).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        terms = {"rec": F.mse_loss(pred.float(), target.float())}
+        terms = self._diffusion_terms(pred.float(), target.float(), batch)
         if cfg.anchor_weight > 0 and batch.anchor_ids is not None:
+            concept_rows = _concept_rows(batch, acc.device)
             with torch.no_grad():
-                anchor = input_embeddings(encoder, batch.anchor_ids.to(acc.device))
-            terms["anchor"] = anchor_loss(embedded[0], anchor)
+                anchor = input_embeddings(encoder, batch.anchor_ids[concept_rows.cpu()].to(acc.device))
+            terms["anchor"] = anchor_loss(embedded[0][concept_rows], anchor)
         else:
             terms["anchor"] = torch.zeros((), device=acc.device)
-        terms["loss"] = cfg.recon_weight * terms["rec"] + cfg.anchor_weight * terms["anchor"]
+        terms["loss"] = (cfg.recon_weight * terms["rec"] + cfg.anchor_weight * terms["anchor"]
+                         + getattr(cfg, "prior_weight", 0.0) * terms["prior"])
         return terms
+
+    def _diffusion_terms(self, pred: torch.Tensor, target: torch.Tensor,
+                         batch: Batch) -> dict[str, torch.Tensor]:
+        """Reconstruction MSE of the concept images (inside their loss masks) and of the class images."""
+        device = pred.device
+        if batch.mask is None and batch.is_prior is None:
+            return {"rec": F.mse_loss(pred, target), "prior": torch.zeros((), device=device)}
+        error = (pred - target).pow(2)
+        mask = (batch.mask.to(device) if batch.mask is not None
+                else torch.ones(error.shape[0], 1, *error.shape[2:], device=device))
+        per_sample = (error * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * error.shape[1])
+        concept = _concept_rows(batch, device)
+        prior = per_sample[~concept].mean() if (~concept).any() else torch.zeros((), device=device)
+        return {"rec": per_sample[concept].mean(), "prior": prior}
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -218,7 +272,7 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One optimisation step (grad_accum micro-batches); returns the mean loss terms."""
         acc = self.accelerator
-        sums = {"loss": 0.0, "rec": 0.0, "anchor": 0.0}
+        sums = {"loss": 0.0, "rec": 0.0, "anchor": 0.0, "prior": 0.0}
         for micro in range(self.cfg.grad_accum):
             batch = self.dataset.batch(self._indices(self.global_step, micro))
             with acc.accumulate(*self.modules):
@@ -240,12 +294,13 @@ class Trainer:
     def _stop_on_nan(self, terms: dict[str, torch.Tensor]) -> None:
         """Keep the last good artifact and stop: training on from a NaN only spreads it."""
         bad = ", ".join(f"{k}={float(v)}" for k, v in terms.items() if not torch.isfinite(v))
-        path = self.out / "learned_embeds.safetensors"
+        path = self.out / self.method.artifact_name
         if self.accelerator.is_main_process:
             path = self.method.save(path)
         raise CompinvError(
             f"loss is not finite ({bad}) at step {self.global_step + 1}; stopped. The last good "
-            f"embedding (after step {self.global_step}) is in {path}. Lower --lr, or use "
+            f"{'embedding' if path.suffix else 'weights'} (after step {self.global_step}) was "
+            f"saved to {path}. Lower --lr, or use "
             "--mixed-precision no")
 
     def _periodic_outputs(self) -> None:
@@ -253,7 +308,7 @@ class Trainer:
         if step == cfg.steps:
             return
         if cfg.save_every and step % cfg.save_every == 0 and acc.is_main_process:
-            self.method.save(self.out / "embeddings" / f"learned_embeds-step-{step:06d}.safetensors")
+            self.method.save(self._snapshot_path(step))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self._save_checkpoint()
         if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0:
@@ -262,7 +317,7 @@ class Trainer:
     def _finish(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
-        path = self.out / "learned_embeds.safetensors"
+        path = self.out / self.method.artifact_name
         if acc.is_main_process:
             self.method.save(path)
             self._write_config(finished_step=self.global_step)
@@ -271,6 +326,11 @@ class Trainer:
         if self.cfg.validation_prompt:
             self._validate()
         return path
+
+    def _snapshot_path(self, step: int) -> Path:
+        """`<snapshot_dir>/<artifact stem>-step-NNNNNN<suffix>`, e.g. learned_embeds-step-000500.safetensors."""
+        name = Path(self.method.artifact_name)
+        return self.out / self.method.snapshot_dir / f"{name.stem}-step-{step:06d}{name.suffix}"
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -306,7 +366,7 @@ class Trainer:
 
     # ---- outputs for people ------------------------------------------------------------------
     def _write_config(self, **extra: Any) -> None:
-        record = {**asdict(self.cfg), "effective_lr": self.lr,
+        record = {**asdict(self.cfg), "method": self.method.name, "effective_lr": self.lr,
                   "num_processes": self.accelerator.num_processes,
                   "versions": library_versions(), **extra}
         atomic_write_text(self.out / "config.json", json.dumps(record, indent=2, sort_keys=True))
@@ -350,6 +410,13 @@ class Trainer:
         encoder.train(was_training[0])
         pipe.unet.train(was_training[1])
         return rows
+
+
+def _concept_rows(batch: Batch, device: torch.device) -> torch.Tensor:
+    """Boolean mask of the batch rows that show a concept (not a prior-preservation class image)."""
+    if batch.is_prior is None:
+        return torch.ones(batch.input_ids.shape[0], dtype=torch.bool, device=device)
+    return ~batch.is_prior.to(device)
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:

@@ -14,40 +14,38 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel
 
-from compinv.artifacts import output_folder, save_embeddings
+from compinv.artifacts import EMBEDDINGS_FILE, output_folder, save_embeddings
 from compinv.config import TrainConfig
 from compinv.data import ConceptDataset, load_images
 from compinv.models import load_pipeline
-from compinv.tokens import ConceptToken, add_concept_token, expand_prompt, single_token_id
+from compinv.tokens import (ConceptToken, TrainableRows, add_concept_token, expand_prompt,
+                            single_token_id)
 from compinv.trainer import Trainer, TrainResult, find_checkpoint
 
 
 class TextualInversion:
     """Trainable state of TI: the embedding table, of which only the concept's rows may change."""
 
+    name = "textual-inversion"
+    artifact_name = EMBEDDINGS_FILE
+    snapshot_dir = "embeddings"
+
     def __init__(self, text_encoder: CLIPTextModel, concept: ConceptToken):
         self.text_encoder = text_encoder
         self.concept = concept
         self.modules = [text_encoder]
         text_encoder.requires_grad_(False)
-        self._table = text_encoder.get_input_embeddings().weight
-        self._table.requires_grad_(True)
-        self._frozen = torch.ones(self._table.shape[0], dtype=torch.bool)
-        self._frozen[list(concept.ids)] = False
-        self._original = self._table.detach().clone()
+        self._rows = TrainableRows(text_encoder, list(concept.ids))
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [self._table]
+        return [self._rows.table]
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """Put back every row that is not the concept's (see the module docstring)."""
-        frozen = self._frozen.to(self._table.device)
-        self._table[frozen] = self._original.to(self._table.device)[frozen]
+        self._rows.restore()
 
     def learned_vectors(self) -> torch.Tensor:
         """The concept's vectors, [num_vectors, dim]."""
-        return self._table.detach()[list(self.concept.ids)].clone()
+        return self._rows.vectors(self.concept)
 
     def expand_prompt(self, prompt: str) -> str:
         prompt = prompt.replace("{}", self.concept.token)

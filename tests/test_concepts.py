@@ -1,0 +1,152 @@
+"""Loading run folders of every method (several at once), generate --concept, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from compinv import load_concepts
+from compinv.cli import main
+from compinv.config import CustomDiffusionConfig, DreamBoothConfig
+from compinv.errors import CompinvError
+from compinv.methods.custom_diffusion import train_custom_diffusion
+from compinv.methods.dreambooth import train_dreambooth
+from compinv.methods.textual_inversion import train_textual_inversion
+from helpers import ti_config
+
+FAST = dict(steps=1, resolution=32, checkpoint_every=0, save_every=0, validation_every=0, seed=1,
+            lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    """One finished run of each method, each with its own token."""
+    from conftest import write_concept_images
+
+    tmp = tmp_path_factory.mktemp("runs")
+    images = str(write_concept_images(tmp / "img"))
+    model = str(tiny_model)
+    ti = train_textual_inversion(ti_config(tiny_model, images, tmp / "ti", token="<t>", steps=1))
+    cd = train_custom_diffusion(CustomDiffusionConfig(model=model, images=images, token="<c>",
+                                                      class_word="cat", out=str(tmp / "cd"), **FAST))
+    lora = train_dreambooth(DreamBoothConfig(model=model, images=images, token="<l>", lora=True,
+                                             class_word="dog", out=str(tmp / "lora"), **FAST))
+    db = train_dreambooth(DreamBoothConfig(model=model, images=images, token="<d>",
+                                           class_word="toy", out=str(tmp / "db"), **FAST))
+    return {"ti": ti.out, "cd": cd.out, "lora": lora.out, "db": db.out, "images": images}
+
+
+def _pipe(tiny_model):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.parametrize("kind", ["ti", "cd", "lora", "db"])
+def test_each_run_loads_and_changes_the_output(runs, tiny_model, kind):
+    pipe = _pipe(tiny_model)
+    before = _image(pipe, "a photo of a cat")
+    tokens = load_concepts(pipe, runs[kind])
+    assert tokens == [{"ti": "<t>", "cd": "<c>", "lora": "<l>", "db": "<d>"}[kind]]
+    assert tokens[0] in pipe.tokenizer.get_vocab()
+    if kind != "ti":  # TI changes only the token's rows; the others change the model itself
+        assert not torch.allclose(before, _image(pipe, "a photo of a cat"))
+    assert len(pipe.tokenizer) == pipe.text_encoder.get_input_embeddings().weight.shape[0]
+
+
+def test_several_runs_load_together(runs, tiny_model):
+    pipe = _pipe(tiny_model)
+    tokens = load_concepts(pipe, [runs["ti"], runs["cd"], runs["lora"], runs["db"]])
+    assert sorted(tokens) == ["<c>", "<d>", "<l>", "<t>"]
+    assert _image(pipe, "<t> and <c> and <l> and <d>").isfinite().all()
+
+
+def test_runs_that_cannot_be_combined(runs, tiny_model):
+    pipe = _pipe(tiny_model)
+    with pytest.raises(CompinvError, match="both custom-diffusion runs"):
+        load_concepts(pipe, [runs["cd"], runs["cd"]])
+    load_concepts(pipe, runs["ti"])
+    with pytest.raises(CompinvError, match="token '<t>' is already loaded"):
+        load_concepts(pipe, runs["ti"])
+    with pytest.raises(CompinvError, match="not a compinv run folder"):
+        load_concepts(pipe, runs["images"])
+
+
+@pytest.mark.parametrize("layout", [[], ["--box", "<c>=0.1,0.2,0.5,0.8", "--box", "<t>=0.6,0.2,0.95,0.8"]])
+def test_generate_with_concepts(runs, tiny_model, tmp_path, capsys, layout):
+    out = tmp_path / "gen"
+    code = main(["generate", "--model", str(tiny_model), "--concept", str(runs["ti"]),
+                 "--concept", str(runs["cd"]), "--prompt", "a <c> and a <t>", "--num-images", "1",
+                 "--steps", "3", "--guided-steps", "1", "--height", "32", "--width", "32",
+                 "--out", str(out), *layout])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "generation.json").read_text())
+    assert sorted(record["tokens_loaded"]) == ["<c>", "<t>"]
+    assert (out / "0000.png").is_file()
+    assert (record["layout"] is not None) == bool(layout)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+def _cli_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def _cd_argv(tiny_model, out, *extra):
+    return ["train", "custom-diffusion", "--model", str(tiny_model), "--steps", "1",
+            "--resolution", "32", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("token: '<a>'\n", "must be a non-empty list"),
+    ("- {token: '<a>', images: IMG, clas_word: cat}\n", "entry 1: unknown key 'clas_word'"),
+    ("- {token: '<a>', images: IMG, class_word: cat}\n- {token: '<b>', class_word: dog}\n",
+     "entry 2: missing key 'images'"),
+    ("- {token: '<a>', images: IMG, class_word: [cat]}\n", "entry 1: key 'class_word' must be a string"),
+    ("- {token: '<a>', images: IMG, class_word: cat}\n- {token: '<a>', images: IMG, class_word: dog}\n",
+     "entries 1 and 2 both use the token '<a>'"),
+    ("- {token: '<a>', images: IMG}\n", "entry 1: needs class_word"),
+    ("- {token: '<a>', images: IMG, class_word: cat}\n- {token: '<b>', images: NOPE, class_word: dog}\n",
+     "entry 2 images"),
+])
+def test_concepts_file_errors_name_entry_and_key(capsys, tiny_model, runs, tmp_path, content, expected):
+    path = tmp_path / "concepts.yaml"
+    path.write_text(content.replace("IMG", runs["images"]).replace("NOPE", str(tmp_path / "nope")))
+    msg = _cli_error(capsys, _cd_argv(tiny_model, tmp_path / "out", "--concepts", str(path)))
+    assert expected in msg and str(path) in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_images_folder_without_images(capsys, tiny_model, runs, tmp_path):
+    (tmp_path / "classes").mkdir()
+    (tmp_path / "classes" / "readme.txt").write_text("no pictures here")
+    msg = _cli_error(capsys, _cd_argv(tiny_model, tmp_path / "out", "--images", runs["images"],
+                                      "--token", "<a>", "--class-word", "cat", "--prior-weight", "1",
+                                      "--class-images", str(tmp_path / "classes")))
+    assert "--class-images" in msg and "readable image" in msg
+
+
+def test_concepts_file_with_flags_and_existing_token(capsys, tiny_model, runs, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"token": "<a>", "images": runs["images"], "class_word": "cat"}]))
+    msg = _cli_error(capsys, _cd_argv(tiny_model, tmp_path / "o", "--concepts", str(path),
+                                      "--token", "<x>"))
+    assert "--concepts replaces --token" in msg
+    msg = _cli_error(capsys, ["train", "dreambooth", "--model", str(tiny_model), "--images",
+                              runs["images"], "--token", "cat", "--class-word", "cat", "--out",
+                              str(tmp_path / "o2")])
+    assert "already in the tokenizer's vocabulary" in msg
+    msg = _cli_error(capsys, ["train", "dreambooth", "--model", str(tiny_model), "--images",
+                              runs["images"], "--token", "<a>", "--class-word", "cat", "--lora",
+                              "--train-text-encoder", "--out", str(tmp_path / "o3")])
+    assert "--lora with --train-text-encoder" in msg
