@@ -73,10 +73,15 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     return _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """A safetensors file, written atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return _atomic(Path(path), lambda tmp: save_file(tensors, tmp))
+
+
 def save_embeddings(embeddings: dict[str, torch.Tensor], path: str | Path) -> Path:
     """diffusers' format: one key per concept token, value [num_vectors, dim] in float32."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in embeddings.items()}
-    return _atomic(Path(path), lambda tmp: save_file(tensors, tmp))
+    return save_tensors({k: v.float() for k, v in embeddings.items()}, path)
 
 
 def load_embeddings_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from compinv.artifacts import _atomic, atomic_write_text, ensure_writable_dir
+from compinv.artifacts import atomic_write_text, ensure_writable_dir, save_tensors
 from compinv.errors import CompinvError
 from compinv.toy.world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, Pair, Scene, render, sample_scenes
 
@@ -257,8 +257,8 @@ def _save(out: Path, model: AttributeClassifier, optimizer: torch.optim.Optimize
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     moments = {f"{i}.{name}": value.cpu().contiguous()
                for i, entry in optimizer.state_dict()["state"].items() for name, value in entry.items()}
-    _atomic(out / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp))
-    _atomic(out / OPTIMIZER_FILE, lambda tmp: save_file(moments, tmp))
+    save_tensors(weights, out / WEIGHTS_FILE)
+    save_tensors(moments, out / OPTIMIZER_FILE)
     config = {"format": FORMAT, "channels": list(model.channels), "image_size": IMAGE_SIZE,
               "colours": list(_COLOURS), "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS),
               **settings, "trained_steps": step, "metrics": metrics}
