@@ -78,6 +78,8 @@ def test_runs_that_cannot_be_combined(runs, tiny_model):
         load_concepts(pipe, runs["ti"])
     with pytest.raises(CompinvError, match="not a compinv run folder"):
         load_concepts(pipe, runs["images"])
+    with pytest.raises(CompinvError, match="load the DreamBooth run first"):
+        load_concepts(pipe, runs["db"])
 
 
 @pytest.mark.parametrize("layout", [[], ["--box", "<c>=0.1,0.2,0.5,0.8", "--box", "<t>=0.6,0.2,0.95,0.8"]])
@@ -150,3 +152,15 @@ def test_concepts_file_with_flags_and_existing_token(capsys, tiny_model, runs, t
                               runs["images"], "--token", "<a>", "--class-word", "cat", "--lora",
                               "--train-text-encoder", "--out", str(tmp_path / "o3")])
     assert "--lora with --train-text-encoder" in msg
+
+
+@pytest.mark.parametrize("method, extra", [("custom-diffusion", ["--no-aug"]),
+                                           ("dreambooth", ["--lora", "--lora-rank", "2"])])
+def test_cli_trains_each_method(capsys, tiny_model, runs, tmp_path, method, extra):
+    out = tmp_path / "run"
+    code = main(["train", method, "--model", str(tiny_model), "--images", runs["images"],
+                 "--token", "<x>", "--class-word", "cat", "--steps", "1", "--resolution", "32",
+                 "--checkpoint-every", "0", "--out", str(out), *extra])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["method"] == method
+    assert load_concepts(_pipe(tiny_model), out) == ["<x>"]

@@ -159,6 +159,11 @@ def _load_dreambooth(pipe: StableDiffusionPipeline, run: Path, folder: Path) -> 
     if vocabulary != rows:
         raise CompinvError(f"--concept {run}: tokenizer ({vocabulary} entries) and text encoder "
                            f"({rows} rows) disagree; the pipeline folder is damaged")
+    lost = sorted(set(pipe.tokenizer.get_added_vocab()) - set(loaded.tokenizer.get_added_vocab()))
+    if lost:
+        raise CompinvError(f"--concept {run}: a DreamBooth run replaces the text encoder, which "
+                           f"would drop the tokens already loaded ({', '.join(lost)}); load the "
+                           "DreamBooth run first (one load_concepts call orders them for you)")
     old = next(pipe.unet.parameters()).detach().clone()
     pipe.register_modules(unet=loaded.unet.to(pipe.device), tokenizer=loaded.tokenizer,
                           text_encoder=loaded.text_encoder.to(pipe.device))

@@ -260,8 +260,9 @@ class Trainer:
             logs = self.step()
             self.global_step += 1
             bar.update(1)
+            prior = {"prior": f"{logs['prior']:.4g}"} if getattr(cfg, "prior_weight", 0) else {}
             bar.set_postfix(loss=f"{logs['loss']:.4g}", rec=f"{logs['rec']:.4g}",
-                            anchor=f"{logs['anchor']:.3g}")
+                            anchor=f"{logs['anchor']:.3g}", **prior)
             acc.log({**logs, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.global_step)
             self._periodic_outputs()
         bar.close()

@@ -1,0 +1,150 @@
+"""Cost of semantic inversion per method: step time with the anchor loss vs without, and peak memory.
+
+For each method (Textual Inversion, Custom Diffusion, DreamBooth, DreamBooth-LoRA) a child
+process builds both variants on the same model and data and interleaves their steps (A, B, B,
+A, ...), so machine-load drift hits both alike. Each anchor step is compared with the no-anchor
+step next to it; target: median of these paired ratios <= 1.02. On a shared CPU that ratio
+carries a few per cent of noise, so the anchor's own operations are also timed alone
+(`ratio_from_anchor_ops` = 1 + their time / the no-anchor step). The child's peak resident
+memory (both variants loaded) is the memory figure: a CPU has no per-allocation peak counter
+like CUDA's. Writes benchmarks/results/methods.json.
+
+    python benchmarks/bench_methods.py [--sizes tiny mid] [--steps 12] [--methods ti cd db lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+RESULTS = Path(__file__).parent / "results" / "methods.json"
+METHODS = ("ti", "cd", "db", "lora")
+RESOLUTION = {"tiny": 64, "mid": 256}
+
+
+def _images(folder: Path, size: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _trainer(method: str, model: Path, images: Path, out: Path, resolution: int, anchor: bool):
+    """A ready Trainer of `method`; batch 2 for every method so the steps are comparable."""
+    from compinv.config import CustomDiffusionConfig, DreamBoothConfig, TrainConfig
+    from compinv.methods import custom_diffusion, dreambooth, textual_inversion
+
+    common = dict(model=str(model), images=str(images), token="<bench>", class_word="cat",
+                  init_word="dog", steps=1000, batch_size=2, grad_accum=1, resolution=resolution,
+                  out=str(out), checkpoint_every=0, save_every=0, validation_every=0,
+                  no_anchor=not anchor)
+    if method == "ti":
+        cfg, build = TrainConfig(**common), textual_inversion.build_trainer
+    elif method == "cd":
+        cfg, build = CustomDiffusionConfig(**common), custom_diffusion.build_trainer
+    else:
+        cfg, build = DreamBoothConfig(**common, lora=method == "lora"), dreambooth.build_trainer
+    return build(cfg, out)
+
+
+def _anchor_ops_s(trainer, reps: int = 20) -> float:
+    """Seconds of what the anchor loss adds to one step, timed alone (no machine-load noise).
+
+    That is the anchor prompt's embedding lookup and the MSE with its backward into the prompt
+    embeddings; the embedding-table backward is shared with the reconstruction loss.
+    """
+    from compinv.semantic import anchor_loss, input_embeddings
+
+    batch = trainer.dataset.batch([0, 1])
+    encoder = trainer.method.text_encoder
+    embedded = input_embeddings(encoder, batch.input_ids).detach().requires_grad_(True)
+    start = time.perf_counter()
+    for _ in range(reps):
+        with torch.no_grad():
+            anchor = input_embeddings(encoder, batch.anchor_ids)
+        anchor_loss(embedded, anchor).backward()
+    return (time.perf_counter() - start) / reps
+
+
+def bench_one(method: str, size: str, steps: int) -> dict:
+    """Runs in the child process: time both variants' steps, report the medians and peak RSS."""
+    from compinv.models import save_tiny_model
+
+    resolution = RESOLUTION[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = save_tiny_model(tmp / "model", size=size)
+        images = _images(tmp / "images", resolution)
+        trainers = {name: _trainer(method, model, images, tmp / name, resolution, name == "anchor")
+                    for name in ("no_anchor", "anchor")}
+        times: dict[str, list[float]] = {name: [] for name in trainers}
+        names = list(trainers)
+        for i in range(steps + 2):
+            for name in names if i % 2 else names[::-1]:
+                start = time.perf_counter()
+                trainers[name].step()
+                if i >= 2:  # the first steps pay for lazy initialisation
+                    times[name].append(time.perf_counter() - start)
+        anchor_ops = _anchor_ops_s(trainers["anchor"])
+    median = {name: statistics.median(t) for name, t in times.items()}
+    # Each anchor step is paired with the no-anchor step next to it (same machine load), so the
+    # median of the pairs' ratios is steadier on a shared CPU than the ratio of the medians.
+    paired = statistics.median(a / b for a, b in zip(times["anchor"], times["no_anchor"]))
+    return {
+        "method": method, "model": size, "resolution": resolution, "batch_size": 2,
+        "steps_timed": steps,
+        "median_step_s_no_anchor": median["no_anchor"],
+        "median_step_s_anchor": median["anchor"],
+        "ratio_of_medians": median["anchor"] / median["no_anchor"],
+        "ratio_anchor_over_no_anchor": paired,
+        "anchor_ops_s": anchor_ops,
+        "ratio_from_anchor_ops": 1 + anchor_ops / median["no_anchor"],
+        "peak_rss_mib_both_variants": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(RESOLUTION))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(bench_one(args.child[0], args.child[1], args.steps)))
+        return
+    rows = []
+    for size in args.sizes:
+        for method in args.methods:  # a fresh process each, so peak memory is the method's own
+            done = subprocess.run([sys.executable, __file__, "--child", method, size, "--steps",
+                                   str(args.steps)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{r['method']:<5}{r['model']:<6}{r['resolution']:>5}"
+                  f"{r['median_step_s_no_anchor']:>10.4f}{r['median_step_s_anchor']:>10.4f}"
+                  f"{r['ratio_anchor_over_no_anchor']:>8.3f}{r['ratio_from_anchor_ops']:>8.4f}"
+                  f"{r['peak_rss_mib_both_variants']:>9.0f} MiB",
+                  flush=True)
+    from compinv.artifacts import atomic_write_text
+    from compinv.versions import library_versions
+
+    atomic_write_text(RESULTS, json.dumps({"benchmark": "method_step_anchor_vs_no_anchor",
+                                   "target_ratio": 1.02, "results": rows,
+                                   "versions": library_versions()}, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
