@@ -170,3 +170,17 @@ def test_resume_ends_with_the_same_weights(tiny_model, images, tmp_path):
         a = load_file(str(whole.embeddings_path / name))
         b = load_file(str(resumed.embeddings_path / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_freeze_model_crossattn_also_trains_q_and_out(tiny_model, images, tmp_path):
+    from compinv import load_concepts
+
+    result = train_custom_diffusion(cd_config(tiny_model, tmp_path / "qo", images=str(images[0]),
+                                              token="<c>", class_word="cat", steps=1,
+                                              freeze_model="crossattn"))
+    keys = load_file(str(result.embeddings_path / WEIGHTS_NAME)).keys()
+    assert {k.split(".processor.")[1] for k in keys} == {
+        "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight",
+        "to_q_custom_diffusion.weight", "to_out_custom_diffusion.0.weight",
+        "to_out_custom_diffusion.0.bias"}
+    assert load_concepts(_base(tiny_model), result.out) == ["<c>"]

@@ -220,10 +220,12 @@ class Trainer:
             target = noise
         terms = self._diffusion_terms(pred.float(), target.float(), batch)
         if cfg.anchor_weight > 0 and batch.anchor_ids is not None:
-            concept_rows = _concept_rows(batch, acc.device)
+            prompts, anchor_ids = embedded[0], batch.anchor_ids
+            if batch.is_prior is not None:  # class prompts hold no concept: leave them out
+                prompts, anchor_ids = prompts[~batch.is_prior.to(acc.device)], anchor_ids[~batch.is_prior]
             with torch.no_grad():
-                anchor = input_embeddings(encoder, batch.anchor_ids[concept_rows.cpu()].to(acc.device))
-            terms["anchor"] = anchor_loss(embedded[0][concept_rows], anchor)
+                anchor = input_embeddings(encoder, anchor_ids.to(acc.device))
+            terms["anchor"] = anchor_loss(prompts, anchor)
         else:
             terms["anchor"] = torch.zeros((), device=acc.device)
         terms["loss"] = (cfg.recon_weight * terms["rec"] + cfg.anchor_weight * terms["anchor"]
