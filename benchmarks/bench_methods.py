@@ -9,7 +9,7 @@ carries a few per cent of noise, so the anchor's own operations are also timed a
 memory (both variants loaded) is the memory figure: a CPU has no per-allocation peak counter
 like CUDA's. Writes benchmarks/results/methods.json.
 
-    python benchmarks/bench_methods.py [--sizes tiny mid] [--steps 12] [--methods ti cd db lora]
+    python benchmarks/bench_methods.py [--sizes tiny mid] [--steps 24] [--methods ti cd db lora]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def bench_one(method: str, size: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(RESOLUTION))
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
