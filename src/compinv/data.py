@@ -417,7 +417,11 @@ def _instance_prompt(spec, token_text: str) -> str:
 
 
 def _class_set(cfg, pipe, out: Path, spec, classes, captions) -> tuple[list[Image.Image], list[str]]:
-    """(class images, their captions) of one concept; generated when no real ones were given."""
+    """(class images, their captions) of one concept; generated when no real ones were given.
+
+    Under data parallelism every process generates the same seeded images and writes them
+    atomically, so the cache is consistent (the work is repeated, not coordinated).
+    """
     if cfg.prior_weight <= 0:
         return [], []
     prompt = spec.class_prompt or f"photo of a {spec.class_word}"

@@ -180,8 +180,15 @@ class Trainer:
         self.optimizer, self.lr_scheduler = prepared[-2:]
         for module in self.modules:
             module.train()
-        self.text_encoder = self.modules[self.method.modules.index(self.method.text_encoder)] \
-            if self.method.text_encoder in self.method.modules else self.method.text_encoder.to(acc.device)
+        self.text_encoder = self._prepared(self.method.text_encoder)
+        # A trained UNet must run through its DDP wrapper, or its gradients are never averaged.
+        self.unet = self._prepared(pipe.unet)
+
+    def _prepared(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The accelerate-prepared version of a trained module; frozen ones are used as they are."""
+        if module in self.method.modules:
+            return self.modules[self.method.modules.index(module)]
+        return module.to(self.accelerator.device)
 
     # ---- batches and loss ---------------------------------------------------------------
     def _indices(self, step: int, micro: int) -> list[int]:
@@ -213,7 +220,7 @@ class Trainer:
         encoder = acc.unwrap_model(self.text_encoder)
         with captured_input_embeddings(encoder) as embedded:
             hidden = self.text_encoder(input_ids)[0].to(unet_dtype)
-        pred = pipe.unet(noisy, timesteps, hidden).sample
+        pred = self.unet(noisy, timesteps, hidden).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
