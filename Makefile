@@ -24,7 +24,7 @@ test: install
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: install
-	$(PY) benchmarks/bench_train.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo-output build dist src/*.egg-info

@@ -67,3 +67,8 @@ def test_demo_in_reduced_mode(tmp_path, capsys):
     for row in summary.values():
         assert len(list(Path(row["images"]).glob("*.png"))) == 2
     assert "tiny random" in capsys.readouterr().out
+
+
+def test_toy_commands_are_wired(tmp_path):
+    assert main(["toy", "write-concepts", str(tmp_path / "concepts")]) == 0
+    assert json.loads((tmp_path / "concepts" / "concepts.json").read_text())

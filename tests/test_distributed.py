@@ -10,29 +10,50 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from compinv.config import CustomDiffusionConfig
 from compinv.methods.textual_inversion import train_textual_inversion
 from helpers import learned, ti_config
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_processes_end_with_the_same_embedding(tiny_model, concept_images, tmp_path):
-    out = tmp_path / "ddp"
-    cfg = ti_config(tiny_model, concept_images, out, steps=3, batch_size=1, num_vectors=2)
+def _launch_two_processes(method: str, cfg) -> list[dict[str, torch.Tensor]]:
+    """Train on 2 processes; return each rank's trainable parameters after training."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", str(WORKER), json.dumps(dataclasses.asdict(cfg))]
+              "--dynamo_backend", "no", str(WORKER), method, json.dumps(dataclasses.asdict(cfg))]
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    copies = [learned(out / f"rank{r}.safetensors", "v") for r in (0, 1)]
-    assert torch.equal(copies[0], copies[1])
-    assert torch.equal(copies[0], learned(out / "learned_embeds.safetensors"))
+    return [load_file(str(Path(cfg.out) / f"rank{r}.safetensors")) for r in (0, 1)]
+
+
+def _assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the two processes drifted apart"
+
+
+def test_textual_inversion_two_processes_end_equal(tiny_model, concept_images, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = ti_config(tiny_model, concept_images, out, steps=3, batch_size=1, num_vectors=2)
+    ranks = _launch_two_processes("textual-inversion", cfg)
+    _assert_equal_states(*ranks)
     assert json.loads((out / "config.json").read_text())["num_processes"] == 2
+    vectors = learned(out / "learned_embeds.safetensors")
 
     # Same global batch on one process (batch 2 = 2 processes x 1): the same samples and noise,
     # so the result matches up to float summation order.
     single = train_textual_inversion(ti_config(tiny_model, concept_images, tmp_path / "one",
                                                steps=3, batch_size=2, num_vectors=2))
-    torch.testing.assert_close(learned(single.embeddings_path), copies[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(learned(single.embeddings_path), vectors, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_diffusion_two_processes_average_unet_gradients(tiny_model, concept_images,
+                                                              tmp_path):
+    cfg = CustomDiffusionConfig(model=str(tiny_model), images=str(concept_images), token="<a>",
+                                class_word="cat", out=str(tmp_path / "cd"), steps=2,
+                                batch_size=1, resolution=32, checkpoint_every=0, save_every=0,
+                                validation_every=0, seed=1, lr=1e-2)
+    _assert_equal_states(*_launch_two_processes("custom-diffusion", cfg))

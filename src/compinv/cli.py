@@ -14,6 +14,7 @@ from pathlib import Path
 from compinv.config import (CustomDiffusionConfig, DreamBoothConfig, GenerateConfig,
                             TrainConfig, add_arguments, build_config)
 from compinv.errors import CompinvError
+from compinv.toy.cli import add_toy_commands
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> None:
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--steps", type=int, default=100)
     demo.set_defaults(func=_cmd_demo)
+
+    add_toy_commands(sub)
     return parser
 
 
