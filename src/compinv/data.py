@@ -84,6 +84,17 @@ def resize_shorter_side(image: Image.Image, size: int) -> torch.Tensor:
     return pixels / 127.5 - 1.0
 
 
+def crop(pixels: torch.Tensor, size: int, center: bool, gen: torch.Generator) -> torch.Tensor:
+    """A size x size crop of a [3, H, W] image whose shorter side is `size`."""
+    _, h, w = pixels.shape
+    if center:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
+    return pixels[:, top : top + size, left : left + size]
+
+
 def sample_generator(seed: int, index: int, salt: int = 0) -> torch.Generator:
     """A CPU generator owned by one training sample (see the module docstring)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + index * 7_919 + salt) % (2**63 - 1))
@@ -131,19 +142,9 @@ class ConceptDataset:
         order = torch.randperm(len(self.pixels), generator=sample_generator(self.seed, epoch, salt=1))
         return int(order[offset])
 
-    def _crop(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _, h, w = pixels.shape
-        size = self.resolution
-        if self.center_crop:
-            top, left = (h - size) // 2, (w - size) // 2
-        else:
-            top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
-            left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
-        return pixels[:, top : top + size, left : left + size]
-
     def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = sample_generator(self.seed, index)
-        pixels = self._crop(self.pixels[self._image_index(index)], gen)
+        pixels = crop(self.pixels[self._image_index(index)], self.resolution, self.center_crop, gen)
         if float(torch.rand(1, generator=gen)) < self.flip_p:
             pixels = pixels.flip(-1)
         template = int(torch.randint(0, len(OBJECT_TEMPLATES), (1,), generator=gen))
@@ -262,16 +263,6 @@ class MultiConceptDataset:
                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
         return self._ids[prompt]
 
-    def _crop(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        _, h, w = pixels.shape
-        size = self.resolution
-        if self.center_crop:
-            top, left = (h - size) // 2, (w - size) // 2
-        else:
-            top = int(torch.randint(0, h - size + 1, (1,), generator=gen))
-            left = int(torch.randint(0, w - size + 1, (1,), generator=gen))
-        return pixels[:, top : top + size, left : left + size]
-
     def _choice(self, options: tuple[str, ...], gen: torch.Generator) -> str:
         return options[int(torch.randint(0, len(options), (1,), generator=gen))]
 
@@ -316,7 +307,7 @@ class MultiConceptDataset:
         """Concept photo `index`: pixels, prompt ids, loss mask."""
         gen = sample_generator(self.seed, index)
         concept, image = self._stream_entry(index)
-        pixels = self._crop(self.pixels[concept][image], gen)
+        pixels = crop(self.pixels[concept][image], self.resolution, self.center_crop, gen)
         if float(torch.rand(1, generator=gen)) < self.flip_p:
             pixels = pixels.flip(-1)
         pixels, mask, prefix = self.augment(pixels, gen)
@@ -328,7 +319,7 @@ class MultiConceptDataset:
         concept, _ = self._stream_entry(index)
         images = self.class_pixels[concept]
         k = int(torch.randint(0, len(images), (1,), generator=gen))
-        pixels = self._crop(images[k], gen)
+        pixels = crop(images[k], self.resolution, self.center_crop, gen)
         if float(torch.rand(1, generator=gen)) < self.flip_p:
             pixels = pixels.flip(-1)
         f = self.latent_factor
