@@ -36,6 +36,7 @@ CONFIG_FILE = "classifier.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT = "compinv-toy-classifier"
 CHANNELS = (32, 64, 128)
+SHIPPED_DIR = Path(__file__).parent / "weights"  # trained by `compinv toy train-classifier`
 EVAL_SEED = 1_000_003  # far from training seeds: evaluation renders are never training renders
 _COLOURS = tuple(COLOURS)
 
@@ -276,9 +277,10 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> AttributeClassifier:
-    """A trained classifier in eval mode, ready for `predict`."""
-    folder = Path(folder)
+def load_classifier(folder: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> AttributeClassifier:
+    """A trained classifier in eval mode, ready for `predict`; no folder: the shipped one."""
+    folder = SHIPPED_DIR if folder is None else Path(folder)
     config = _read_config(folder)
     model = AttributeClassifier(tuple(config["channels"]))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
