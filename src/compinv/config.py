@@ -152,15 +152,20 @@ class ConceptSpec:
         return dataclasses.replace(self, anchor_word=anchor, init_word=init)
 
 
+def read_yaml(path: Path, flag: str, fix: str) -> Any:
+    """Parse a YAML (or JSON, a subset of YAML) file named by `flag`, with one-line errors."""
+    if not path.is_file():
+        raise CompinvError(f"{flag} {path}: file not found; {fix}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CompinvError(f"{flag} {path}: not valid YAML or JSON ({exc})") from exc
+
+
 def load_concepts_file(path: str | Path) -> list[ConceptSpec]:
     """Read a YAML or JSON list of concepts; every schema error names the entry and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise CompinvError(f"--concepts {path}: file not found; pass a YAML or JSON list of concepts")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CompinvError(f"--concepts {path}: not valid YAML or JSON ({exc})") from exc
+    data = read_yaml(path, "--concepts", "pass a YAML or JSON list of concepts")
     if not isinstance(data, list) or not data:
         raise CompinvError(f"--concepts {path}: must be a non-empty list of concepts, each a mapping "
                            "with at least 'token' and 'images'")
@@ -427,12 +432,7 @@ def _coerce(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of option names (dashes or underscores) to values."""
     path = Path(path)
-    if not path.is_file():
-        raise CompinvError(f"--config {path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CompinvError(f"--config {path}: not valid YAML or JSON ({exc})") from exc
+    data = read_yaml(path, "--config", "pass a YAML or JSON file of option names and values")
     if not isinstance(data, dict):
         raise CompinvError(f"--config {path}: must hold a mapping of option names to values")
     return data
