@@ -18,6 +18,16 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
     print(f"classifier after {run.steps} steps in {run.out} ({scores})")
 
 
+def _cmd_train_model(args: argparse.Namespace) -> None:
+    from compinv.toy.model import ToyModelSettings, train_toy_model
+
+    settings = ToyModelSettings(vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
+                                vae_batch_size=args.vae_batch_size, seed=args.seed, lr=args.lr)
+    run = train_toy_model(args.out, settings, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    print(f"toy model in {run.out} after {run.seconds / 60:.1f} min of this run "
+          f"(autoencoder PSNR {run.vae_psnr:.1f} dB); load it with StableDiffusionPipeline.from_pretrained")
+
+
 def _cmd_write_concepts(args: argparse.Namespace) -> None:
     from compinv.toy.concepts import write_concepts
 
@@ -26,7 +36,7 @@ def _cmd_write_concepts(args: argparse.Namespace) -> None:
 
 
 def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `toy train-classifier` and `toy write-concepts` to the main parser's subcommands."""
+    """Add `toy train-classifier`, `toy train-model` and `toy write-concepts` to the main parser's subcommands."""
     toy = subparsers.add_parser("toy", help="the toy world: attribute classifier, toy concepts")
     commands = toy.add_subparsers(dest="toy_command", required=True)
 
@@ -42,6 +52,19 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-renders", type=int, default=4000,
                        help="held-out renders scored at the end; 0 skips the evaluation")
     train.set_defaults(func=_cmd_train_classifier)
+
+    model = commands.add_parser("train-model", help="train the toy text-to-image model (SD format)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model.add_argument("--out", default="toy-model", help="run folder; the pipeline goes to OUT/model")
+    model.add_argument("--vae-steps", type=int, default=1200, help="autoencoder steps (phase 1)")
+    model.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps (phase 2)")
+    model.add_argument("--batch-size", type=int, default=64, help="scenes per UNet step")
+    model.add_argument("--vae-batch-size", type=int, default=32, help="scenes per autoencoder step")
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--lr", type=float, default=6e-4, help="peak AdamW lr of phase 2 (warm-up, cosine)")
+    model.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    model.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves; 0: end only")
+    model.set_defaults(func=_cmd_train_model)
 
     concepts = commands.add_parser("write-concepts", help="write the 3 toy concepts, 5 images each")
     concepts.add_argument("out", help="folder to write (one subfolder per concept)")
