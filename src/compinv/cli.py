@@ -53,10 +53,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from compinv.demo import run_demo
+    from compinv.demo import QUICK, DemoSize, run_demo
 
-    report = run_demo(Path(args.out), steps=args.steps)
-    print(f"demo finished; results in {report}")
+    size = QUICK if args.quick else DemoSize(ti_steps=args.ti_steps)
+    report = run_demo(Path(args.out), concept=args.concept, size=size, model=args.model)
+    print(f"demo finished; open {report.resolve()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,9 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(gen, GenerateConfig)
     gen.set_defaults(func=_cmd_generate)
 
-    demo = sub.add_parser("demo", help="train and generate on an offline model, end to end")
-    demo.add_argument("--out", default="demo-output")
-    demo.add_argument("--steps", type=int, default=100)
+    demo = sub.add_parser("demo", help="learn a toy concept with and without compositional inversion "
+                                       "on the shipped toy model; write an HTML report",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--out", default="demo-output", help="folder for the runs, images and report.html")
+    demo.add_argument("--concept", default="striped-diamond",
+                      choices=["striped-diamond", "dotted-ring", "two-tone-heart"])
+    demo.add_argument("--ti-steps", type=int, default=300, help="Textual Inversion steps per variant")
+    demo.add_argument("--quick", action="store_true", help="reduced mode: 10 steps, 2 prompts x 2 seeds")
+    demo.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     demo.set_defaults(func=_cmd_demo)
 
     add_toy_commands(sub)

@@ -1,74 +1,164 @@
-"""`compinv demo`: the whole train → generate path, offline, on a CPU, in about a minute.
+"""`compinv demo`: the paper's claim, shown and measured on the shipped toy model, on a CPU.
 
-Until the toy world (a small trained text-to-image model shipped with the project) lands, the
-demo runs on a tiny *random* SD-shaped model built on the spot: it exercises every step a user
-runs on real weights (vanilla TI vs. semantic inversion, then generation with the learned token)
-and prints how far each learned vector ended from its anchor word, but its images are noise.
+One toy concept (five reference images, all on one background: the overfitting scenario) is
+learned twice, with vanilla Textual Inversion and with semantic inversion; each is then composed
+with other objects and backgrounds without and with spatial inversion. The HTML report shows
+every variant's images, where each phrase's cross-attention went, and the toy metrics.
 """
 
 from __future__ import annotations
 
+import html
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from safetensors.torch import load_file
+from PIL import Image, ImageDraw
 
-from compinv.artifacts import atomic_write_text, ensure_writable_dir
-from compinv.config import GenerateConfig, TrainConfig
-from compinv.generate import generate
-from compinv.methods.textual_inversion import train_textual_inversion
-from compinv.models import load_pipeline, save_tiny_model
+from compinv.artifacts import atomic_write_text, ensure_writable_dir, save_image
+from compinv.errors import CompinvError
+from compinv.generate import heat_map_picture
+from compinv.spatial.layout import OFFICIAL_PAIR
+from compinv.toy.ablation import (
+    TrainingBudget,
+    Variant,
+    generate_per_prompt,
+    learn_concept,
+    pipeline_with_concept,
+    score_variant,
+    token_of,
+    variants,
+    write_concept_images,
+)
+from compinv.toy.classifier import load_classifier
+from compinv.toy.concepts import CONCEPTS, render_concept
+from compinv.toy.metrics import METRICS, composition_prompts, mean_ci
+from compinv.toy.model import SHIPPED_MODEL_DIR
 
-TOKEN = "<demo-cat>"
-PROMPT = f"a photo of {TOKEN} and a backpack on the beach"
-
-
-def write_demo_images(folder: Path, n: int = 4, size: int = 64) -> Path:
-    """A red square on a noisy background, n slightly shifted views: the demo's 'user photos'."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        pixels = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-        lo = size // 4 + i
-        pixels[lo : lo + size // 2, lo : lo + size // 2] = (220, 40, 40)
-        Image.fromarray(pixels).save(folder / f"view{i}.png")
-    return folder
-
-
-def _anchor_distance(run: Path, model: Path, word: str) -> float:
-    pipe = load_pipeline(model)
-    row = pipe.text_encoder.get_input_embeddings().weight[
-        pipe.tokenizer(word, add_special_tokens=False).input_ids[0]]
-    vectors = load_file(str(run / "learned_embeds.safetensors"))[TOKEN]
-    return float((vectors - row.detach()).norm(dim=1).mean())
+SCALE = 4  # 32-px toy images are shown 4x larger (nearest neighbour: the pixels stay honest)
 
 
-def run_demo(out: Path, steps: int = 100) -> Path:
-    """Train vanilla TI and TI + semantic inversion on the same images, then generate with both."""
+@dataclass(frozen=True)
+class DemoSize:
+    """How much the demo does; `QUICK` is the reduced mode the tests run."""
+
+    ti_steps: int = 300
+    prompts: int = 4
+    seeds: int = 4
+
+
+QUICK = DemoSize(ti_steps=10, prompts=2, seeds=2)
+
+
+def run_demo(out: str | Path, concept: str = CONCEPTS[0].name, size: DemoSize = DemoSize(),
+             model: str | Path | None = None) -> Path:
+    """Run the demo into `out`; returns the path of report.html."""
+    by_name = {c.name: c for c in CONCEPTS}
+    if concept not in by_name:
+        raise CompinvError(f"--concept {concept!r}: use one of {', '.join(by_name)}")
+    toy = by_name[concept]
     out = ensure_writable_dir(out, "--out")
-    model = out / "tiny-model"
-    if not (model / "model_index.json").is_file():
-        save_tiny_model(model)
-    images = write_demo_images(out / "concept-images")
-    print(f"demo: model = a tiny random SD-1.x-shaped pipeline at {model} (the trained toy model "
-          "is not shipped yet, so images are noise; the pipeline and files are the real ones)")
-    summary = {}
-    for name, settings in {"vanilla-ti": {"no_anchor": True}, "semantic-ti": {}}.items():
-        run = out / name
-        torch.manual_seed(0)
-        train_textual_inversion(TrainConfig(
-            model=str(model), images=str(images), token=TOKEN, class_word="cat", steps=steps,
-            batch_size=2, grad_accum=1, resolution=64, out=str(run), checkpoint_every=0,
-            save_every=0, validation_every=0, **settings))
-        generate(GenerateConfig(model=str(model), embeddings=[str(run)], prompt=PROMPT,
-                                num_images=2, steps=20, out=str(run / "images")))
-        summary[name] = {"distance_to_anchor_cat": _anchor_distance(run, model, "cat"),
-                         "images": str(run / "images")}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print(f"{'variant':<14}{'distance to anchor':>20}  images")
-    for name, row in summary.items():
-        print(f"{name:<14}{row['distance_to_anchor_cat']:>20.4f}  {row['images']}")
-    return out
+    model = Path(model) if model else SHIPPED_MODEL_DIR
+    images = write_concept_images(out / "concepts") / toy.name
+    prompts = composition_prompts(toy, size.prompts)
+    seeds = list(range(size.seeds))
+    classifier = load_classifier()
+    runs = {}
+    for semantic in (False, True):
+        name = "semantic-ti" if semantic else "vanilla-ti"
+        print(f"demo: learning {token_of(toy)} with {name} ({size.ti_steps} steps)", flush=True)
+        runs[semantic] = learn_concept(model, toy, images, "textual-inversion", semantic,
+                                       out / "runs" / name, TrainingBudget(ti_steps=size.ti_steps))
+    sections = []
+    for variant in variants(("textual-inversion",)):
+        print(f"demo: generating {variant.name}", flush=True)
+        pipe = pipeline_with_concept(model, runs[variant.semantic])
+        sections.append(_variant_section(out, pipe, variant, toy, prompts, seeds, classifier))
+    report = _write_report(out, toy, prompts, sections, size)
+    print(f"demo: report at {report}")
+    return report
+
+
+def _variant_section(out: Path, pipe, variant: Variant, toy, prompts, seeds, classifier) -> dict:
+    token = token_of(toy)
+    rows, heat_rows = [], []
+    for prompt in prompts:
+        phrases = [token, prompt.other_phrase]
+        images, maps = generate_per_prompt(pipe, prompt.text(token), phrases, seeds, variant.spatial)
+        rows.append(images)
+        boxes = dict(zip(phrases, ((b,) for b in OFFICIAL_PAIR))) if variant.spatial else {}
+        first = _to_pil(images[0])
+        heat_rows.append([first] + [heat_map_picture(first, maps[p][0].numpy(), boxes.get(p, ()))
+                                    for p in phrases])
+    images = np.concatenate(rows)
+    scores = score_variant(classifier, images, toy, prompts, seeds)
+    slug = variant.name.lower().replace(" + ", "-")
+    grid = save_image(_grid([[_to_pil(im) for im in row] for row in rows]), out / f"{slug}.png")
+    maps = save_image(_grid(heat_rows), out / f"{slug}-attention.png")
+    return {"variant": variant.name, **asdict(variant), "grid": grid.name, "attention": maps.name,
+            "metrics": {k: mean_ci(v) for k, v in scores.items()}}
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
+
+
+def _grid(rows: list[list[Image.Image]], gap: int = 2) -> Image.Image:
+    """Rows of equal-size images, scaled SCALE x with nearest neighbour, on white."""
+    w, h = rows[0][0].width * SCALE, rows[0][0].height * SCALE
+    cols = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (cols * (w + gap) - gap, len(rows) * (h + gap) - gap), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            canvas.paste(image.resize((w, h), Image.NEAREST), (j * (w + gap), i * (h + gap)))
+    return canvas
+
+
+def _overview(out: Path, sections: list[dict], references: Image.Image) -> Path:
+    """One picture for the README: the references, then every variant's grid with its name."""
+    panels = [("references", references)] + [(s["variant"], Image.open(out / s["grid"])) for s in sections]
+    label = 14
+    width = sum(p.width for _, p in panels) + 8 * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(p.height for _, p in panels) + label), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for name, panel in panels:
+        draw.text((x, 0), name, fill=(0, 0, 0))
+        canvas.paste(panel, (x, label))
+        x += panel.width + 8
+    return save_image(canvas, out / "overview.png")
+
+
+def _write_report(out: Path, toy, prompts, sections: list[dict], size: DemoSize) -> Path:
+    references = _grid([[Image.fromarray(im)] for im in render_concept(toy)])
+    save_image(references, out / "references.png")
+    overview = _overview(out, sections, references)
+    header = "".join(f"<th>{m.replace('_', ' ')}</th>" for m in METRICS)
+    table = "".join(
+        f"<tr><td>{html.escape(s['variant'])}</td>"
+        + "".join(f"<td>{s['metrics'][m][0]:.3f} &plusmn; {s['metrics'][m][1]:.3f}</td>" for m in METRICS)
+        + "</tr>" for s in sections)
+    prompt_list = "".join(f"<li>{html.escape(p.text(token_of(toy)))}</li>" for p in prompts)
+    blocks = "".join(
+        f"<h3>{html.escape(s['variant'])}</h3><p>Rows: prompts; columns: seeds.</p>"
+        f"<img src='{s['grid']}'><p>First seed of each prompt: image, then the attention of "
+        f"{html.escape(token_of(toy))} and of the other object (boxes: the layout).</p>"
+        f"<img src='{s['attention']}'>" for s in sections)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>compinv demo</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}img{{image-rendering:pixelated}}
+td,th{{padding:.2em .8em;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
+<h1>compinv demo: {html.escape(toy.name)}</h1>
+<p>{html.escape(toy.description)}; class word <b>{toy.class_word}</b>; every reference image is
+{html.escape(toy.background)} (the context inversion should not learn). Model: the shipped toy
+model; Textual Inversion {size.ti_steps} steps; 25 denoising steps, guidance scale 3.</p>
+<img src="references.png"><h2>Prompts</h2><ul>{prompt_list}</ul>
+<h2>Metrics (mean &plusmn; 95 % CI over {size.prompts * size.seeds} images)</h2>
+<table><tr><th>variant</th>{header}</tr>{table}</table>
+<p>Text alignment: share of the other object's colour, its shape and the background found by
+the toy classifier; concept inclusion: the other object found; image alignment: classifier-feature
+similarity to the references; concept colours: share of the concept's colours visible.</p>
+<h2>Overview</h2><img src="{overview.name}"><h2>Variants</h2>{blocks}</body></html>"""
+    atomic_write_text(out / "summary.json", json.dumps(
+        {"concept": toy.name, "size": asdict(size), "prompts": [p.text(token_of(toy)) for p in prompts],
+         "variants": sections}, indent=2))
+    return atomic_write_text(out / "report.html", page)

@@ -67,6 +67,18 @@ class AttributeClassifier(nn.Module):
         return logits[:, : -len(BACKGROUNDS)], logits[:, -len(BACKGROUNDS):]
 
     @torch.no_grad()
+    def embed(self, images: np.ndarray | list[Image.Image], batch_size: int = 512) -> torch.Tensor:
+        """Unit-length pooled features [N, 128]: the toy world's CLIP image embedding, for
+        image alignment (how much a generated object looks like a concept's references)."""
+        x = to_model_input(images)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        feats = [self.features(chunk.to(device)).mean(dim=(2, 3)).cpu() for chunk in x.split(batch_size)]
+        self.train(was_training)
+        return F.normalize(torch.cat(feats), dim=1)
+
+    @torch.no_grad()
     def predict(self, images: np.ndarray | list[Image.Image], batch_size: int = 512) -> Predictions:
         """Probabilities for uint8/float [N, H, W, 3] arrays (float in [0, 1], as diffusers'
         output_type="np") or a list of PIL images; other sizes are resized to 32x32."""

@@ -28,6 +28,21 @@ def _cmd_train_model(args: argparse.Namespace) -> None:
           f"(autoencoder PSNR {run.vae_psnr:.1f} dB); load it with StableDiffusionPipeline.from_pretrained")
 
 
+def _cmd_evaluate_model(args: argparse.Namespace) -> None:
+    import json
+
+    from compinv.artifacts import atomic_write_text
+    from compinv.toy.ablation import evaluate_toy_model
+    from compinv.toy.classifier import load_classifier
+    from compinv.toy.model import load_toy_model
+
+    scores = evaluate_toy_model(load_toy_model(args.model), load_classifier(), args.n, args.seed)
+    for key, value in scores.items():
+        print(f"{key:<14}{value:.3f}" if isinstance(value, float) else f"{key:<14}{value}")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", **scores}, indent=2))
+
+
 def _cmd_write_concepts(args: argparse.Namespace) -> None:
     from compinv.toy.concepts import write_concepts
 
@@ -65,6 +80,14 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     model.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves; 0: end only")
     model.set_defaults(func=_cmd_train_model)
+
+    evaluate = commands.add_parser("evaluate-model", help="score a toy model on held-out captions",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
+    evaluate.add_argument("--n", type=int, default=400, help="held-out captions, one image each")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    evaluate.set_defaults(func=_cmd_evaluate_model)
 
     concepts = commands.add_parser("write-concepts", help="write the 3 toy concepts, 5 images each")
     concepts.add_argument("out", help="folder to write (one subfolder per concept)")

@@ -1,0 +1,152 @@
+"""The paper's ablation, run on the toy world: learn a toy concept with and without semantic
+inversion, generate compositions with and without spatial inversion, score them.
+
+Shared by `compinv demo` (one concept, a few prompts, an HTML report) and
+`benchmarks/bench_toy_composition.py` (all concepts, >= 20 prompts x >= 4 seeds, confidence
+intervals), so that the demo shows exactly what the benchmark measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from compinv.concepts import load_concepts
+from compinv.config import CustomDiffusionConfig, TrainConfig
+from compinv.methods.custom_diffusion import train_custom_diffusion
+from compinv.methods.textual_inversion import train_textual_inversion
+from compinv.models import load_pipeline
+from compinv.pipeline import CompositionalStableDiffusionPipeline
+from compinv.toy.classifier import AttributeClassifier
+from compinv.toy.concepts import ToyConcept, render_concept, write_concepts
+from compinv.toy.metrics import CompositionPrompt, heldout_captions, score_compositions, score_generations
+from compinv.toy.world import IMAGE_SIZE, caption
+
+METHODS = ("textual-inversion", "custom-diffusion")
+STEPS = 25  # denoising steps and guidance scale at which the toy world is judged
+GUIDANCE_SCALE = 3.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the ablation: a training method, with or without each half of the paper."""
+
+    method: str
+    semantic: bool
+    spatial: bool
+
+    @property
+    def name(self) -> str:
+        short = {"textual-inversion": "TI", "custom-diffusion": "CD"}[self.method]
+        parts = [short] + (["semantic"] if self.semantic else []) + (["spatial"] if self.spatial else [])
+        return " + ".join(parts)
+
+    @property
+    def training(self) -> tuple[str, bool]:
+        """Variants that differ only in spatial inversion share one trained concept."""
+        return self.method, self.semantic
+
+
+def variants(methods: tuple[str, ...] = METHODS) -> list[Variant]:
+    return [Variant(m, semantic, spatial) for m in methods for semantic in (False, True)
+            for spatial in (False, True)]
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """Settings of the toy concept runs; the same for every variant of a method."""
+
+    ti_steps: int = 300
+    cd_steps: int = 150
+    batch_size: int = 4
+    seed: int = 0
+
+
+def token_of(concept: ToyConcept) -> str:
+    return f"<{concept.name}>"
+
+
+def learn_concept(model: Path, concept: ToyConcept, images: Path, method: str, semantic: bool,
+                  out: Path, budget: TrainingBudget = TrainingBudget()) -> Path:
+    """Train one toy concept; vanilla (`semantic=False`) drops the anchor loss, nothing else.
+
+    The class word initialises the token and is its anchor, but stays out of the prompts
+    ("a photo of a <concept>"), as in the paper's compositions.
+    """
+    common = dict(model=str(model), images=str(images), token=token_of(concept),
+                  init_word=concept.class_word, anchor_word=concept.class_word, resolution=IMAGE_SIZE,
+                  batch_size=budget.batch_size, grad_accum=1, seed=budget.seed, out=str(out),
+                  checkpoint_every=0, save_every=0, validation_every=0, no_anchor=not semantic)
+    if method == "textual-inversion":
+        train_textual_inversion(TrainConfig(steps=budget.ti_steps, flip_p=0.0, **common))
+    else:
+        train_custom_diffusion(CustomDiffusionConfig(steps=budget.cd_steps, instance_prompt="a photo of a {}",
+                                                     **common))
+    return out
+
+
+def write_concept_images(out: Path) -> Path:
+    """The toy concepts' reference images (written once; reused when already there)."""
+    if not (out / "concepts.json").is_file():
+        write_concepts(out)
+    return out
+
+
+def pipeline_with_concept(model: Path, run: Path | None) -> CompositionalStableDiffusionPipeline:
+    pipe = CompositionalStableDiffusionPipeline.from_pipe(load_pipeline(model))
+    pipe.set_progress_bar_config(disable=True)
+    if run is not None:
+        load_concepts(pipe, run)
+    return pipe
+
+
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int],
+             batch_size: int = 64) -> np.ndarray:
+    """float [N, 32, 32, 3] in [0, 1]: image i from prompts[i] with seeds[i]."""
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
+        images.append(pipe(prompts[chunk], num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
+                           generator=generators, output_type="np").images)
+    return np.concatenate(images)
+
+
+def generate_per_prompt(pipe: CompositionalStableDiffusionPipeline, prompt: str, phrases: list[str],
+                        seeds: list[int], spatial: bool) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """One image per seed of one prompt, and each phrase's attention heat-maps; with `spatial`,
+    layout guidance puts `phrases` side by side (the official left/right boxes for two)."""
+    request = {"layout": "auto", "phrases": phrases} if spatial else {"phrases": phrases}
+    result = pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
+                  num_images_per_prompt=len(seeds), output_type="np", return_attention=True,
+                  generator=[torch.Generator().manual_seed(s) for s in seeds], **request)
+    return result.images, result.attention_maps
+
+
+def compose(pipe: CompositionalStableDiffusionPipeline, concept: ToyConcept,
+            prompts: list[CompositionPrompt], seeds: list[int], spatial: bool) -> np.ndarray:
+    """Every prompt x every seed, in prompt-major order."""
+    token = token_of(concept)
+    if not spatial:
+        return generate(pipe, [p.text(token) for p in prompts for _ in seeds],
+                        [s for _ in prompts for s in seeds])
+    return np.concatenate([generate_per_prompt(pipe, p.text(token), [token, p.other_phrase], seeds, True)[0]
+                           for p in prompts])
+
+
+def score_variant(classifier: AttributeClassifier, images: np.ndarray, concept: ToyConcept,
+                  prompts: list[CompositionPrompt], seeds: list[int]) -> dict[str, np.ndarray]:
+    per_image = [p for p in prompts for _ in seeds]
+    return score_compositions(classifier, images, per_image, render_concept(concept), concept)
+
+
+def evaluate_toy_model(pipe: StableDiffusionPipeline, classifier: AttributeClassifier,
+                       n: int = 400, seed: int = 0) -> dict[str, float]:
+    """The base model's quality on held-out captions: image i is caption i with seed i."""
+    scenes = heldout_captions(n, seed)
+    images = generate(pipe, [caption(s) for s in scenes], list(range(n)))
+    return score_generations(classifier, images, scenes)
