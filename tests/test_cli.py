@@ -58,15 +58,22 @@ def test_console_script_reports_errors_on_one_line(tmp_path):
         "concept's images"]
 
 
-def test_demo_in_reduced_mode(tmp_path, capsys):
-    from compinv.demo import run_demo
-
-    out = run_demo(tmp_path / "demo", steps=2)
+def test_demo_in_reduced_mode_writes_the_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 0
+    out = tmp_path / "demo"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"vanilla-ti", "semantic-ti"}
-    for row in summary.values():
-        assert len(list(Path(row["images"]).glob("*.png"))) == 2
-    assert "tiny random" in capsys.readouterr().out
+    names = [v["variant"] for v in summary["variants"]]
+    assert names == ["TI", "TI + spatial", "TI + semantic", "TI + semantic + spatial"]
+    report = (out / "report.html").read_text()
+    for variant in summary["variants"]:
+        assert set(variant["metrics"]) == {"text_alignment", "concept_inclusion", "image_alignment",
+                                           "concept_colours"}
+        assert all(0.0 <= mean <= 1.0 for mean, _ in variant["metrics"].values())
+        for picture in (variant["grid"], variant["attention"]):
+            assert (out / picture).is_file() and f"src='{picture}'" in report
+    assert Image.open(out / summary["variants"][0]["grid"]).size == (2 * 128 + 2, 2 * 128 + 2)
+    assert (out / "overview.png").is_file()
+    assert f"open {(out / 'report.html').resolve()}" in capsys.readouterr().out
 
 
 def test_toy_commands_are_wired(tmp_path):

@@ -116,21 +116,25 @@ def _grid(rows: list[list[Image.Image]], gap: int = 2) -> Image.Image:
 
 
 def _overview(out: Path, sections: list[dict], references: Image.Image) -> Path:
-    """One picture for the README: the references, then every variant's grid with its name."""
-    panels = [("references", references)] + [(s["variant"], Image.open(out / s["grid"])) for s in sections]
-    label = 14
-    width = sum(p.width for _, p in panels) + 8 * (len(panels) - 1)
-    canvas = Image.new("RGB", (width, max(p.height for _, p in panels) + label), "white")
-    draw, x = ImageDraw.Draw(canvas), 0
+    """One picture for the README: the references on top, then every variant's grid, named."""
+    panels = [(s["variant"], Image.open(out / s["grid"])) for s in sections]
+    label, gap = 14, 8
+    width = max(references.width, sum(p.width for _, p in panels) + gap * (len(panels) - 1))
+    height = 2 * label + references.height + gap + max(p.height for _, p in panels)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((0, 0), "reference images", fill=(0, 0, 0))
+    canvas.paste(references, (0, label))
+    x, y = 0, label + references.height + gap
     for name, panel in panels:
-        draw.text((x, 0), name, fill=(0, 0, 0))
-        canvas.paste(panel, (x, label))
-        x += panel.width + 8
+        draw.text((x, y), name, fill=(0, 0, 0))
+        canvas.paste(panel, (x, y + label))
+        x += panel.width + gap
     return save_image(canvas, out / "overview.png")
 
 
 def _write_report(out: Path, toy, prompts, sections: list[dict], size: DemoSize) -> Path:
-    references = _grid([[Image.fromarray(im)] for im in render_concept(toy)])
+    references = _grid([[Image.fromarray(im) for im in render_concept(toy)]])
     save_image(references, out / "references.png")
     overview = _overview(out, sections, references)
     header = "".join(f"<th>{m.replace('_', ' ')}</th>" for m in METRICS)

@@ -117,14 +117,17 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
 
 
 def generate_per_prompt(pipe: CompositionalStableDiffusionPipeline, prompt: str, phrases: list[str],
-                        seeds: list[int], spatial: bool) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-    """One image per seed of one prompt, and each phrase's attention heat-maps; with `spatial`,
-    layout guidance puts `phrases` side by side (the official left/right boxes for two)."""
-    request = {"layout": "auto", "phrases": phrases} if spatial else {"phrases": phrases}
+                        seeds: list[int], spatial: bool,
+                        attention: bool = True) -> tuple[np.ndarray, dict[str, torch.Tensor] | None]:
+    """One image per seed of one prompt, and (with `attention`) each phrase's heat-maps; with
+    `spatial`, layout guidance puts `phrases` side by side (the official boxes for two)."""
+    request = {"layout": "auto", "phrases": phrases} if spatial else {}
+    if attention:
+        request.update(phrases=phrases, return_attention=True)
     result = pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
-                  num_images_per_prompt=len(seeds), output_type="np", return_attention=True,
+                  num_images_per_prompt=len(seeds), output_type="np",
                   generator=[torch.Generator().manual_seed(s) for s in seeds], **request)
-    return result.images, result.attention_maps
+    return result.images, getattr(result, "attention_maps", None)
 
 
 def compose(pipe: CompositionalStableDiffusionPipeline, concept: ToyConcept,
@@ -134,7 +137,7 @@ def compose(pipe: CompositionalStableDiffusionPipeline, concept: ToyConcept,
     if not spatial:
         return generate(pipe, [p.text(token) for p in prompts for _ in seeds],
                         [s for _ in prompts for s in seeds])
-    return np.concatenate([generate_per_prompt(pipe, p.text(token), [token, p.other_phrase], seeds, True)[0]
+    return np.concatenate([generate_per_prompt(pipe, p.text(token), [token, p.other_phrase], seeds, True, False)[0]
                            for p in prompts])
 
 

@@ -10,8 +10,8 @@ photos). In the toy world each of these is a question the classifier answers exa
 - concept inclusion: the other object (its colour-shape pair) is found;
 - image alignment: cosine similarity of the classifier's pooled features between the image and
   the concept's reference images (mean over references), as CLIP-I does with CLIP features;
-- concept colours: share of the concept's own colours visible in the image (its identity; the
-  toy colours of the world never match them by accident).
+- concept colours: share of the concept's own colours visible in the image (its identity);
+  only colours far from every world colour and background count, so nothing else scores.
 
 Image alignment rewards copying the references' background too, exactly as CLIP-I does: that is
 the trade-off the paper reports, so it is kept rather than corrected.
@@ -29,7 +29,9 @@ from compinv.toy.world import (
     ALL_PAIRS,
     BACKGROUND_PHRASES,
     BACKGROUNDS,
+    COLOURS,
     Scene,
+    background_pixels,
     object_phrase,
     sample_scenes,
 )
@@ -87,10 +89,23 @@ def score_compositions(classifier: AttributeClassifier, images: np.ndarray,
             "image_alignment": similarity, "concept_colours": concept_colours(images, concept)}
 
 
-def concept_colours(images: np.ndarray, concept: ToyConcept) -> np.ndarray:
-    """Share of the concept's distinct colours with >= COLOUR_MIN_PIXELS pixels near them."""
-    pixels = _as_uint8(images).reshape(len(images), -1, 3).astype(np.float32)
+def distinctive_colours(concept: ToyConcept) -> np.ndarray:
+    """The concept's colours that no world colour or background comes near (the striped
+    diamond's white would be found in every snow scene): [K, 3] float RGB."""
     palette = np.unique(np.array(concept.colours, np.float32), axis=0)
+    world = np.array([*COLOURS.values(), *background_colours()], np.float32)
+    far = np.linalg.norm(palette[:, None] - world[None], axis=-1).min(axis=1) > COLOUR_TOLERANCE
+    return palette[far]
+
+
+def background_colours() -> list[np.ndarray]:
+    return [background_pixels([b], [0])[0].reshape(-1, 3).mean(axis=0) for b in BACKGROUNDS]
+
+
+def concept_colours(images: np.ndarray, concept: ToyConcept) -> np.ndarray:
+    """Share of the concept's distinctive colours with >= COLOUR_MIN_PIXELS pixels near them."""
+    pixels = _as_uint8(images).reshape(len(images), -1, 3).astype(np.float32)
+    palette = distinctive_colours(concept)
     near = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1) < COLOUR_TOLERANCE
     return (near.sum(axis=1) >= COLOUR_MIN_PIXELS).mean(axis=1)
 

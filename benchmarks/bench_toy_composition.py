@@ -1,0 +1,138 @@
+"""The paper's ablation on the toy world: does compositional inversion compose better?
+
+For every toy concept, learn it with vanilla Textual Inversion and with semantic inversion (and
+the same for Custom Diffusion), then generate >= 20 composition prompts ("a photo of a <concept>
+and a blue square on snow") x >= 4 seeds without and with spatial inversion, and score every
+image with the toy metrics (compinv.toy.metrics). A reference row uses the base model with the
+concept's class word in place of the token. Each metric is reported as mean +- 95 % CI over all
+images, and as the paired difference to the vanilla variant of the same method (same prompts and
+seeds). Settings are the methods' toy defaults, identical across variants: nothing is tuned to
+make the method win. Writes benchmarks/results/toy_composition.json.
+
+    python benchmarks/bench_toy_composition.py [--prompts 20] [--seeds 4] [--methods ti cd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compinv.toy.ablation import (
+    TrainingBudget,
+    Variant,
+    compose,
+    generate,
+    learn_concept,
+    pipeline_with_concept,
+    score_variant,
+    variants,
+    write_concept_images,
+)
+from compinv.toy.classifier import load_classifier
+from compinv.toy.concepts import CONCEPTS
+from compinv.toy.metrics import METRICS, composition_prompts, mean_ci
+from compinv.toy.model import SHIPPED_MODEL_DIR
+
+RESULTS = Path(__file__).parent / "results" / "toy_composition.json"
+METHOD_NAMES = {"ti": "textual-inversion", "cd": "custom-diffusion"}
+BASE = "base model, class word"
+
+
+def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_seeds: int, budget: TrainingBudget) -> dict:
+    classifier = load_classifier()
+    images_root = write_concept_images(work / "concepts")
+    seeds = list(range(n_seeds))
+    scores: dict[str, dict[str, list[np.ndarray]]] = {}
+    timings: dict[str, float] = {}
+    for concept in CONCEPTS:
+        prompts = composition_prompts(concept, n_prompts)
+        base = pipeline_with_concept(model, None)
+        texts = [p.text(concept.class_word) for p in prompts for _ in seeds]
+        images = generate(base, texts, [s for _ in prompts for s in seeds])
+        _add(scores, BASE, score_variant(classifier, images, concept, prompts, seeds))
+        runs: dict[tuple[str, bool], Path] = {}
+        for variant in variants(methods):
+            if variant.training not in runs:
+                started = time.perf_counter()
+                runs[variant.training] = learn_concept(
+                    model, concept, images_root / concept.name, variant.method, variant.semantic,
+                    work / concept.name / f"{variant.method}-{'semantic' if variant.semantic else 'vanilla'}",
+                    budget)
+                _time(timings, f"train {variant.method}", started)
+            started = time.perf_counter()
+            pipe = pipeline_with_concept(model, runs[variant.training])
+            images = compose(pipe, concept, prompts, seeds, variant.spatial)
+            _time(timings, f"generate {variant.name}", started)
+            _add(scores, variant.name, score_variant(classifier, images, concept, prompts, seeds))
+            print(f"{concept.name}: {variant.name} done", flush=True)
+    return _summarise(scores, variants(methods), timings)
+
+
+def _add(scores: dict, name: str, new: dict[str, np.ndarray]) -> None:
+    for metric, values in new.items():
+        scores.setdefault(name, {}).setdefault(metric, []).append(values)
+
+
+def _time(timings: dict[str, float], key: str, started: float) -> None:
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
+
+
+def _summarise(scores: dict, rows: list[Variant], timings: dict[str, float]) -> dict:
+    """Mean +- CI per row and metric, and the paired difference to the method's vanilla row."""
+    flat = {name: {m: np.concatenate(v) for m, v in per.items()} for name, per in scores.items()}
+    vanilla = {v.method: v.name for v in rows if not v.semantic and not v.spatial}
+    table = {}
+    for name, per in flat.items():
+        variant = next((v for v in rows if v.name == name), None)
+        baseline = flat[vanilla[variant.method]] if variant else None
+        table[name] = {m: {"mean_ci": mean_ci(per[m]),
+                           "diff_to_vanilla_ci": mean_ci(per[m] - baseline[m]) if baseline else None}
+                       for m in METRICS}
+    return {"rows": table, "images_per_row": len(next(iter(flat.values()))[METRICS[0]]),
+            "seconds": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def table(summary: dict) -> str:
+    header = f"{'variant':<28}" + "".join(f"{m.replace('_', ' '):>24}" for m in METRICS)
+    lines = [header, "-" * len(header)]
+    for name, row in summary["rows"].items():
+        cells = []
+        for m in METRICS:
+            mean, half = row[m]["mean_ci"]
+            diff = row[m]["diff_to_vanilla_ci"]
+            delta = f" ({diff[0]:+.2f})" if diff and name not in ("TI", "CD") else ""
+            cells.append(f"{mean:.3f}±{half:.3f}{delta}".rjust(24))
+        lines.append(f"{name:<28}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="toy model folder")
+    parser.add_argument("--prompts", type=int, default=20, help="composition prompts per concept")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    parser.add_argument("--methods", nargs="+", default=["ti", "cd"], choices=sorted(METHOD_NAMES))
+    parser.add_argument("--ti-steps", type=int, default=TrainingBudget.ti_steps)
+    parser.add_argument("--cd-steps", type=int, default=TrainingBudget.cd_steps)
+    args = parser.parse_args()
+    budget = TrainingBudget(ti_steps=args.ti_steps, cd_steps=args.cd_steps)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
+        summary = run(Path(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods), args.prompts, args.seeds, budget)
+    summary.update(prompts_per_concept=args.prompts, seeds=args.seeds, concepts=[c.name for c in CONCEPTS],
+                   budget=asdict(budget), model=args.model,
+                   total_minutes=round((time.perf_counter() - started) / 60, 1))
+    print(table(summary))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
