@@ -103,3 +103,21 @@ def test_threshold_stops_guidance_early():
         _, losses = guide_step(pipe.unet, scheduler, recorder, torch.randn(1, 4, 16, 16), 0,
                                embeds, targets, GuidanceConfig())
     assert len(losses) == 1 and losses[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_update_scale_is_the_official_sigma_squared_in_each_schedulers_space():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LMSDiscreteScheduler
+
+    from compinv.spatial.guidance import update_scale
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    lms = LMSDiscreteScheduler(**betas)
+    lms.set_timesteps(25)
+    assert update_scale(lms, 0, lms.timesteps[0]) == pytest.approx(float(lms.sigmas[0]) ** 2)
+    for vp in (DDIMScheduler(**betas), DPMSolverMultistepScheduler(**betas)):
+        vp.set_timesteps(25)
+        t = vp.timesteps[0]
+        alpha = float(vp.alphas_cumprod[int(t)])
+        # x_t = sqrt(alpha) z: a step of sigma^2 on z is a step of (1 - alpha) on x_t.
+        assert update_scale(vp, 0, t) == pytest.approx(1 - alpha, rel=1e-4)
+        assert update_scale(vp, 0, t) < 1.0

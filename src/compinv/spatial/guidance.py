@@ -4,7 +4,8 @@ Same algorithm and constants as the official code (after Chen et al. 2023): for 
 token and attention map, act = sum(A_t * M) / sum(A_t) and the loss is (1 - act)^2, averaged
 over heads and tokens, summed over concepts and maps, divided by (#concepts x #maps). On each
 guided step: while loss > threshold and fewer than max iterations, z <- z - grad(scale * loss)
-* sigma_t^2. A guidance pass is conditional-only and stops the UNet right after the last map
+* sigma_t^2 (in sigma-space latents; `update_scale` converts for variance-preserving
+schedulers). A guidance pass is conditional-only and stops the UNet right after the last map
 the loss reads.
 """
 
@@ -73,6 +74,21 @@ def noise_level(scheduler, step_index: int, timestep: torch.Tensor) -> float:
     return float(((1 - alpha) / alpha).sqrt())
 
 
+def update_scale(scheduler, step_index: int, timestep: torch.Tensor) -> float:
+    """The factor of the gradient step: the official sigma_t^2, in the latents' own space.
+
+    The official code runs LMS, whose latents live in sigma space (z = x_t / sqrt(alpha_bar),
+    init_noise_sigma > 1). Variance-preserving schedulers (DDIM, PNDM, DPM-Solver: their
+    init_noise_sigma is 1) hold x_t = sqrt(alpha_bar) z; the same step there is
+    x -= grad_x * (1 - alpha_bar_t). Using sigma_t^2 on x_t would step up to 1 / alpha_bar_t
+    (about 200x at the first step) too far and wreck the image.
+    """
+    sigma = noise_level(scheduler, step_index, timestep)
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0:
+        return sigma**2
+    return sigma**2 / (1 + sigma**2)  # = 1 - alpha_bar_t, as sigma_t^2 = (1 - alpha_bar) / alpha_bar
+
+
 def check_scheduler(scheduler) -> None:
     """Fail before generating when the scheduler offers no noise level at all."""
     if getattr(scheduler, "sigmas", None) is None and getattr(scheduler, "alphas_cumprod", None) is None:
@@ -103,7 +119,7 @@ def guide_step(unet, scheduler, recorder: AttentionRecorder, latents: torch.Tens
     """Guidance iterations of one denoising step; returns the new latents and each iteration's
     unscaled loss (mean over the batch). No graph survives an iteration."""
     timestep = scheduler.timesteps[step_index]
-    sigma = noise_level(scheduler, step_index, timestep)
+    scale = update_scale(scheduler, step_index, timestep)
     losses = []
     for _ in range(config.max_iterations):
         z = latents.detach().requires_grad_(True)
@@ -112,7 +128,7 @@ def guide_step(unet, scheduler, recorder: AttentionRecorder, latents: torch.Tens
                                timestep, cond_embeds, cross_attention_kwargs)
             loss = attention_loss(maps, targets, tuple(z.shape[-2:]))
             (grad,) = torch.autograd.grad(loss.sum() * config.loss_scale, z)
-        latents = (z - grad * sigma**2).detach()
+        latents = (z - grad * scale).detach()
         loss = loss.detach()
         losses.append(float(loss.mean()))
         if float(loss.max()) <= config.loss_threshold:
