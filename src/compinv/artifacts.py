@@ -89,3 +89,19 @@ def load_embeddings_file(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise CompinvError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as flat safetensors entries ("<param index>.<name>"),
+    so that resumable runs keep no pickles on disk."""
+    return {f"{i}.{name}": value.cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            for i, entry in optimizer.state_dict()["state"].items() for name, value in entry.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of `optimizer_tensors`; param groups (lr etc.) stay as the optimizer has them."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".")
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

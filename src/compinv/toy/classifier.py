@@ -27,7 +27,13 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from compinv.artifacts import atomic_write_text, ensure_writable_dir, save_tensors
+from compinv.artifacts import (
+    atomic_write_text,
+    ensure_writable_dir,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    save_tensors,
+)
 from compinv.errors import CompinvError
 from compinv.toy.world import BACKGROUNDS, COLOURS, IMAGE_SIZE, SHAPES, Pair, Scene, render, sample_scenes
 
@@ -254,12 +260,7 @@ def _restore(out: Path, model: AttributeClassifier, optimizer: torch.optim.Optim
         raise CompinvError(f"--resume: {out} was trained with {', '.join(changed)}; pass the same "
                            "values (its batches and lr schedule depend on them)")
     model.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
-    moments = load_file(str(out / OPTIMIZER_FILE))
-    state = {int(key.split(".")[0]): {} for key in moments}
-    for key, value in moments.items():
-        index, name = key.split(".")
-        state[int(index)][name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    load_optimizer_tensors(optimizer, load_file(str(out / OPTIMIZER_FILE)))
     return int(config["trained_steps"])
 
 
@@ -268,10 +269,8 @@ def _save(out: Path, model: AttributeClassifier, optimizer: torch.optim.Optimize
     """Weights, optimizer moments, then the JSON that names the step: a run killed between the
     writes resumes from the older JSON's step with at most one checkpoint interval redone."""
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    moments = {f"{i}.{name}": value.cpu().contiguous()
-               for i, entry in optimizer.state_dict()["state"].items() for name, value in entry.items()}
     save_tensors(weights, out / WEIGHTS_FILE)
-    save_tensors(moments, out / OPTIMIZER_FILE)
+    save_tensors(optimizer_tensors(optimizer), out / OPTIMIZER_FILE)
     config = {"format": FORMAT, "channels": list(model.channels), "image_size": IMAGE_SIZE,
               "colours": list(_COLOURS), "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS),
               **settings, "trained_steps": step, "metrics": metrics}

@@ -41,7 +41,13 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from compinv.artifacts import atomic_write_text, ensure_writable_dir, save_tensors
+from compinv.artifacts import (
+    atomic_write_text,
+    ensure_writable_dir,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    save_tensors,
+)
 from compinv.data import OBJECT_TEMPLATES
 from compinv.errors import CompinvError
 from compinv.models import CLIP_MAX_LENGTH, clip_tokenizer
@@ -171,7 +177,7 @@ def train_toy_model(out: str | Path, settings: ToyModelSettings = ToyModelSettin
     if state["phase"] == "unet" and state["step"] > 0:
         unet.load_state_dict(load_file(str(work / "unet.safetensors")))
         text_encoder.load_state_dict(load_file(str(work / "text_encoder.safetensors")))
-        _load_optimizer(opt, load_file(str(work / "unet_optimizer.safetensors")))
+        load_optimizer_tensors(opt, load_file(str(work / "unet_optimizer.safetensors")))
     _train_unet(vae, unet, text_encoder, opt, settings, state, work, checkpoint_every, progress)
     model_dir = save_toy_model(vae, unet, text_encoder, out / "model")
     return ToyModelRun(model_dir, time.perf_counter() - started, state["vae_psnr"])
@@ -305,7 +311,7 @@ def _read_state(work: Path, settings: ToyModelSettings) -> dict:
 def _restore(work: Path, name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
     if state["step"] > 0:
         model.load_state_dict(load_file(str(work / f"{name}.safetensors")))
-        _load_optimizer(opt, load_file(str(work / f"{name}_optimizer.safetensors")))
+        load_optimizer_tensors(opt, load_file(str(work / f"{name}_optimizer.safetensors")))
 
 
 def _checkpoint(work: Path, models: dict[str, torch.nn.Module], opt_name: str | None,
@@ -320,20 +326,6 @@ def _checkpoint(work: Path, models: dict[str, torch.nn.Module], opt_name: str | 
     record = {**{k: v for k, v in state.items() if k != "settings"}, "format": FORMAT,
               "settings": json.loads(json.dumps(asdict(settings))) if settings else None}
     atomic_write_text(work / STATE_FILE, json.dumps(record, indent=2))
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW moments as flat safetensors entries ("<param index>.<name>"): no pickles on disk."""
-    return {f"{i}.{name}": value.cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-            for i, entry in opt.state_dict()["state"].items() for name, value in entry.items()}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".")
-        state.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 # ---- the finished model --------------------------------------------------------------------------
