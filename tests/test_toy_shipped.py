@@ -33,3 +33,22 @@ def test_shipped_toy_model_draws_the_captioned_background_and_colours():
     scores = evaluate_toy_model(pipe, load_classifier(), n=64, seed=5)
     assert scores["background"] >= 0.9
     assert scores["colours_one"] >= 0.7
+
+
+def test_shipped_toy_concept_files_are_what_the_code_generates():
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from compinv.toy.concepts import CONCEPTS, IMAGES_PER_CONCEPT, render_concept
+
+    folder = Path(__file__).parent.parent / "examples" / "toy-concepts"
+    index = json.loads((folder / "concepts.json").read_text())
+    assert sorted(index["concepts"]) == sorted(c.name for c in CONCEPTS)
+    for concept in CONCEPTS:
+        files = sorted((folder / concept.name).glob("*.png"))
+        assert len(files) == IMAGES_PER_CONCEPT
+        shipped = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+        assert np.array_equal(shipped, render_concept(concept, seed=index["seed"]))
