@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from compinv.artifacts import atomic_write_text, ensure_writable_dir, save_image
 from compinv.errors import CompinvError
 from compinv.generate import heat_map_picture
-from compinv.spatial.layout import OFFICIAL_PAIR
+from compinv.spatial.layout import auto_boxes
 from compinv.toy.ablation import (
     TrainingBudget,
     Variant,
@@ -87,7 +87,7 @@ def _variant_section(out: Path, pipe, variant: Variant, toy, prompts, seeds, cla
         phrases = [token, prompt.other_phrase]
         images, maps = generate_per_prompt(pipe, prompt.text(token), phrases, seeds, variant.spatial)
         rows.append(images)
-        boxes = dict(zip(phrases, ((b,) for b in OFFICIAL_PAIR))) if variant.spatial else {}
+        boxes = dict(zip(phrases, ((b,) for b in auto_boxes(len(phrases))))) if variant.spatial else {}
         first = _to_pil(images[0])
         heat_rows.append([first] + [heat_map_picture(first, maps[p][0].numpy(), boxes.get(p, ()))
                                     for p in phrases])

@@ -165,8 +165,8 @@ def train_toy_model(out: str | Path, settings: ToyModelSettings = ToyModelSettin
     state["settings"] = settings
     vae, unet, text_encoder = build_components(settings)
     started = time.perf_counter()
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     if state["phase"] == "vae":
+        vae_opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
         _restore(work, "vae", vae, vae_opt, state)
         _train_vae(vae, vae_opt, settings, state, work, checkpoint_every, progress)
     else:
@@ -322,9 +322,8 @@ def _checkpoint(work: Path, models: dict[str, torch.nn.Module], opt_name: str | 
         save_tensors(model.state_dict(), work / f"{name}.safetensors")
     if opt is not None:
         save_tensors(optimizer_tensors(opt), work / f"{opt_name}_optimizer.safetensors")
-    settings = state.get("settings")
     record = {**{k: v for k, v in state.items() if k != "settings"}, "format": FORMAT,
-              "settings": json.loads(json.dumps(asdict(settings))) if settings else None}
+              "settings": json.loads(json.dumps(asdict(state["settings"])))}
     atomic_write_text(work / STATE_FILE, json.dumps(record, indent=2))
 
 
