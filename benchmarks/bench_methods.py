@@ -43,20 +43,17 @@ def _images(folder: Path, size: int) -> Path:
 
 def _trainer(method: str, model: Path, images: Path, out: Path, resolution: int, anchor: bool):
     """A ready Trainer of `method`; batch 2 for every method so the steps are comparable."""
-    from compinv.config import CustomDiffusionConfig, DreamBoothConfig, TrainConfig
-    from compinv.methods import custom_diffusion, dreambooth, textual_inversion
+    from compinv.methods import METHODS
+    from compinv.training import prepare
 
     common = dict(model=str(model), images=str(images), token="<bench>", class_word="cat",
                   init_word="dog", steps=1000, batch_size=2, grad_accum=1, resolution=resolution,
                   out=str(out), checkpoint_every=0, save_every=0, validation_every=0,
                   no_anchor=not anchor)
-    if method == "ti":
-        cfg, build = TrainConfig(**common), textual_inversion.build_trainer
-    elif method == "cd":
-        cfg, build = CustomDiffusionConfig(**common), custom_diffusion.build_trainer
-    else:
-        cfg, build = DreamBoothConfig(**common, lora=method == "lora"), dreambooth.build_trainer
-    return build(cfg, out)
+    name = {"ti": "textual-inversion", "cd": "custom-diffusion"}.get(method, "dreambooth")
+    if method in ("db", "lora"):
+        common["lora"] = method == "lora"
+    return prepare(METHODS[name].config_class(**common).resolved(), out)
 
 
 def _anchor_ops_s(trainer, reps: int = 20) -> float:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from compinv.config import TrainConfig
-from compinv.methods.textual_inversion import build_trainer
+from compinv.methods.textual_inversion import TrainConfig
+from compinv.training import prepare
 from compinv.models import MODEL_SIZES, save_tiny_model
 from compinv.versions import library_versions
 
@@ -45,7 +45,7 @@ def bench_size(size: str, steps: int, workdir: Path) -> dict:
                           steps=steps, batch_size=2, grad_accum=1, resolution=resolution,
                           out=str(workdir / f"run-{size}-{name}"), checkpoint_every=0,
                           save_every=0, validation_every=0, **extra)
-        trainers[name] = build_trainer(cfg, Path(cfg.out))
+        trainers[name] = prepare(cfg.resolved(), Path(cfg.out))
     times: dict[str, list[float]] = {name: [] for name in trainers}
     names = list(trainers)
     for i in range(steps + 2):

@@ -11,17 +11,13 @@ from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from compinv.config import CustomDiffusionConfig, TrainConfig
-from compinv.methods import custom_diffusion, textual_inversion
-
-METHODS = {"textual-inversion": (TrainConfig, textual_inversion.build_trainer),
-           "custom-diffusion": (CustomDiffusionConfig, custom_diffusion.build_trainer)}
+from compinv.methods import METHODS
+from compinv.training import prepare
 
 
 def main() -> None:
-    config_class, build_trainer = METHODS[sys.argv[1]]
-    cfg = config_class(**json.loads(sys.argv[2]))
-    trainer = build_trainer(cfg, Path(cfg.out))
+    cfg = METHODS[sys.argv[1]].config_class(**json.loads(sys.argv[2])).resolved()
+    trainer = prepare(cfg, Path(cfg.out))
     trainer.run()
     rank = PartialState().process_index
     params = {f"p{i}": p.detach().clone() for i, p in enumerate(trainer.method.parameters())}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from compinv.config import TrainConfig
+from compinv.methods.textual_inversion import TrainConfig
 
 
 def ti_config(model: Path, images: Path, out: Path, **overrides) -> TrainConfig:

@@ -12,7 +12,7 @@ from PIL import Image
 from compinv.cli import main
 from compinv.data import load_images
 from compinv.errors import CompinvError
-from compinv.methods.textual_inversion import train_textual_inversion
+from compinv.training import train
 from helpers import learned, ti_config
 
 
@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_embedding(tiny_model, concept
     cfg = ti_config(tiny_model, concept_images, tmp_path / "nan", lr=1e30, scale_lr=False,
                     steps=5, no_anchor=False)
     with pytest.raises(CompinvError, match=r"not finite .* at step \d+; stopped") as info:
-        train_textual_inversion(cfg)
+        train(cfg)
     assert "last good embedding" in str(info.value)
     assert torch.isfinite(learned(tmp_path / "nan" / "learned_embeds.safetensors")).all()
 

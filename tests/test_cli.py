@@ -10,7 +10,8 @@ from pathlib import Path
 from PIL import Image
 
 from compinv.cli import build_parser, main
-from compinv.config import TrainConfig, build_config
+from compinv.methods.textual_inversion import TrainConfig
+from compinv.options import build_config
 
 
 def test_train_then_generate(tmp_path, concept_images):

@@ -10,11 +10,10 @@ from diffusers import StableDiffusionPipeline
 
 from compinv import load_concepts
 from compinv.cli import main
-from compinv.config import CustomDiffusionConfig, DreamBoothConfig
+from compinv.methods.custom_diffusion import CustomDiffusionConfig
+from compinv.methods.dreambooth import DreamBoothConfig
 from compinv.errors import CompinvError
-from compinv.methods.custom_diffusion import train_custom_diffusion
-from compinv.methods.dreambooth import train_dreambooth
-from compinv.methods.textual_inversion import train_textual_inversion
+from compinv.training import train
 from helpers import ti_config
 
 FAST = dict(steps=1, resolution=32, checkpoint_every=0, save_every=0, validation_every=0, seed=1,
@@ -29,12 +28,12 @@ def runs(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     images = str(write_concept_images(tmp / "img"))
     model = str(tiny_model)
-    ti = train_textual_inversion(ti_config(tiny_model, images, tmp / "ti", token="<t>", steps=1))
-    cd = train_custom_diffusion(CustomDiffusionConfig(model=model, images=images, token="<c>",
+    ti = train(ti_config(tiny_model, images, tmp / "ti", token="<t>", steps=1))
+    cd = train(CustomDiffusionConfig(model=model, images=images, token="<c>",
                                                       class_word="cat", out=str(tmp / "cd"), **FAST))
-    lora = train_dreambooth(DreamBoothConfig(model=model, images=images, token="<l>", lora=True,
+    lora = train(DreamBoothConfig(model=model, images=images, token="<l>", lora=True,
                                              class_word="dog", out=str(tmp / "lora"), **FAST))
-    db = train_dreambooth(DreamBoothConfig(model=model, images=images, token="<d>",
+    db = train(DreamBoothConfig(model=model, images=images, token="<d>",
                                            class_word="toy", out=str(tmp / "db"), **FAST))
     return {"ti": ti.out, "cd": cd.out, "lora": lora.out, "db": db.out, "images": images}
 

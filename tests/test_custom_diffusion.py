@@ -7,9 +7,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from compinv.config import CustomDiffusionConfig
+from compinv.methods.custom_diffusion import CustomDiffusionConfig
 from compinv.methods import custom_diffusion as cd
-from compinv.methods.custom_diffusion import WEIGHTS_NAME, train_custom_diffusion
+from compinv.methods.custom_diffusion import WEIGHTS_NAME
+from compinv.training import train
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +39,16 @@ def _concepts_file(tmp_path, images, **extra):
 @pytest.fixture(scope="module")
 def two_concept_run(tiny_model, images, tmp_path_factory):
     """A two-concept run; keeps the trained UNet and embedding table for inspection."""
+    from compinv.artifacts import output_folder
+    from compinv.training import prepare
+
     tmp = tmp_path_factory.mktemp("cd")
-    captured = {}
-    original = cd.Trainer.run
-
-    def run_and_capture(self):
-        result = original(self)
-        captured["unet"] = {k: v.clone() for k, v in self.pipe.unet.state_dict().items()}
-        captured["table"] = self.method.text_encoder.get_input_embeddings().weight.detach().clone()
-        return result
-
-    cd.Trainer.run = run_and_capture
-    try:
-        result = train_custom_diffusion(cd_config(tiny_model, tmp / "run",
-                                                  concepts=str(_concepts_file(tmp, images))))
-    finally:
-        cd.Trainer.run = original
+    cfg = cd_config(tiny_model, tmp / "run", concepts=str(_concepts_file(tmp, images))).resolved()
+    with output_folder(cfg.out) as out:
+        trainer = prepare(cfg, out)
+        result = trainer.run()
+    captured = {"unet": {k: v.clone() for k, v in trainer.pipe.unet.state_dict().items()},
+                "table": trainer.method.text_encoder.get_input_embeddings().weight.detach().clone()}
     return result, captured
 
 
@@ -66,7 +61,7 @@ def test_both_tokens_of_two_concepts_are_trained(two_concept_run, tiny_model):
     base = _base(tiny_model)
     table = base.text_encoder.get_input_embeddings().weight.detach()
     for token, init in (("<a>", "dog"), ("<b>", "car")):
-        file = result.embeddings_path / cd.embedding_file_name(token)
+        file = result.artifact / cd.embedding_file_name(token)
         vector = load_file(str(file))[token][0]
         init_row = table[base.tokenizer(init, add_special_tokens=False).input_ids[0]]
         assert not torch.equal(vector, init_row), f"{token} never moved (official bug 3.3)"
@@ -96,7 +91,7 @@ def test_artifact_loads_in_stock_diffusers(two_concept_run, tiny_model):
     """The recipe of docs/methods.md: install the processors by hand, load each token file."""
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
-    folder = two_concept_run[0].embeddings_path
+    folder = two_concept_run[0].artifact
     pipe = _base(tiny_model)
     before = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)[0]
     state = load_file(str(folder / WEIGHTS_NAME))
@@ -122,12 +117,12 @@ def test_artifact_loads_in_stock_diffusers(two_concept_run, tiny_model):
 
 
 def test_scale_augmentation_masks_the_canvas(tiny_model, images):
-    from compinv.data import SMALL_PREFIXES, ZOOM_PREFIXES, ConceptSamples, MultiConceptDataset
+    from compinv.data import SMALL_PREFIXES, ZOOM_PREFIXES, ConceptDataset, ConceptSamples
     from compinv.data import load_images
     from compinv.models import clip_tokenizer
 
-    concept = ConceptSamples(load_images(images[0]), "photo of a cat", (), None, [], [])
-    data = MultiConceptDataset([concept], 32, clip_tokenizer(), 0, 2, scale_aug=True)
+    concept = ConceptSamples(load_images(images[0]), ("photo of a cat",), (), None)
+    data = ConceptDataset([concept], 32, clip_tokenizer(), 0, 2, scale_aug=True)
     seen = set()
     for i in range(40):
         pixels, ids, mask = data.sample(i)
@@ -138,7 +133,8 @@ def test_scale_augmentation_masks_the_canvas(tiny_model, images):
             # The mask keeps a one-cell margin inside the photo; two cells out, all is canvas.
             grown = torch.nn.functional.max_pool2d(mask[None], 5, stride=1, padding=2)
             outside = torch.nn.functional.interpolate(grown, size=32)[0].expand(3, -1, -1) == 0
-            assert mask.sum() > 0 and torch.all(pixels[outside] == -1.0)
+            # The canvas is mid-grey (0 in [-1, 1]), as the official code pads it.
+            assert mask.sum() > 0 and torch.all(pixels[outside] == 0.0)
         if any(text.startswith(p.strip()) for p in ZOOM_PREFIXES):
             seen.add("zoom")
             assert mask.sum() == mask.numel()
@@ -148,12 +144,12 @@ def test_scale_augmentation_masks_the_canvas(tiny_model, images):
 
 
 def test_anchor_without_prior_and_prior_without_anchor(tiny_model, images, tmp_path):
-    anchored = train_custom_diffusion(cd_config(
+    anchored = train(cd_config(
         tiny_model, tmp_path / "anchor", images=str(images[0]), token="<c>", init_word="dog",
         anchor_word="cat", steps=2, no_aug=True))
     assert anchored.last_losses["anchor"] > 0 and anchored.last_losses["prior"] == 0
     classes = images[1]
-    prior = train_custom_diffusion(cd_config(
+    prior = train(cd_config(
         tiny_model, tmp_path / "prior", images=str(images[0]), token="<c>", class_word="cat",
         steps=2, no_anchor=True, prior_weight=1.0, class_images=str(classes), hflip=True))
     assert prior.last_losses["prior"] > 0 and prior.last_losses["anchor"] == 0
@@ -161,24 +157,24 @@ def test_anchor_without_prior_and_prior_without_anchor(tiny_model, images, tmp_p
 
 def test_resume_ends_with_the_same_weights(tiny_model, images, tmp_path):
     common = dict(images=str(images[0]), token="<c>", class_word="cat", steps=4, checkpoint_every=2)
-    whole = train_custom_diffusion(cd_config(tiny_model, tmp_path / "whole", **common))
-    train_custom_diffusion(cd_config(tiny_model, tmp_path / "parts", **{**common, "steps": 2}))
-    resumed = train_custom_diffusion(cd_config(tiny_model, tmp_path / "parts", resume="latest",
+    whole = train(cd_config(tiny_model, tmp_path / "whole", **common))
+    train(cd_config(tiny_model, tmp_path / "parts", **{**common, "steps": 2}))
+    resumed = train(cd_config(tiny_model, tmp_path / "parts", resume="latest",
                                                **common))
     assert resumed.steps == 4
     for name in (WEIGHTS_NAME, cd.embedding_file_name("<c>")):
-        a = load_file(str(whole.embeddings_path / name))
-        b = load_file(str(resumed.embeddings_path / name))
+        a = load_file(str(whole.artifact / name))
+        b = load_file(str(resumed.artifact / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_freeze_model_crossattn_also_trains_q_and_out(tiny_model, images, tmp_path):
     from compinv import load_concepts
 
-    result = train_custom_diffusion(cd_config(tiny_model, tmp_path / "qo", images=str(images[0]),
+    result = train(cd_config(tiny_model, tmp_path / "qo", images=str(images[0]),
                                               token="<c>", class_word="cat", steps=1,
                                               freeze_model="crossattn"))
-    keys = load_file(str(result.embeddings_path / WEIGHTS_NAME)).keys()
+    keys = load_file(str(result.artifact / WEIGHTS_NAME)).keys()
     assert {k.split(".processor.")[1] for k in keys} == {
         "to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight",
         "to_q_custom_diffusion.weight", "to_out_custom_diffusion.0.weight",

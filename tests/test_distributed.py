@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from compinv.config import CustomDiffusionConfig
-from compinv.methods.textual_inversion import train_textual_inversion
+from compinv.methods.custom_diffusion import CustomDiffusionConfig
+from compinv.training import train
 from helpers import learned, ti_config
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -45,9 +45,9 @@ def test_textual_inversion_two_processes_end_equal(tiny_model, concept_images, t
 
     # Same global batch on one process (batch 2 = 2 processes x 1): the same samples and noise,
     # so the result matches up to float summation order.
-    single = train_textual_inversion(ti_config(tiny_model, concept_images, tmp_path / "one",
+    single = train(ti_config(tiny_model, concept_images, tmp_path / "one",
                                                steps=3, batch_size=2, num_vectors=2))
-    torch.testing.assert_close(learned(single.embeddings_path), vectors, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(learned(single.artifact), vectors, rtol=1e-4, atol=1e-5)
 
 
 def test_custom_diffusion_two_processes_average_unet_gradients(tiny_model, concept_images,

@@ -7,8 +7,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from compinv.config import DreamBoothConfig
-from compinv.methods.dreambooth import LORA_WEIGHTS_NAME, train_dreambooth
+from compinv.methods.dreambooth import DreamBoothConfig
+from compinv.methods.dreambooth import LORA_WEIGHTS_NAME
+from compinv.training import train
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def db_config(model, images, out, **overrides) -> DreamBoothConfig:
 @pytest.fixture(scope="module")
 def prior_run(tiny_model, images, tmp_path_factory):
     out = tmp_path_factory.mktemp("db") / "run"
-    return train_dreambooth(db_config(tiny_model, images, out, prior_weight=1.0,
+    return train(db_config(tiny_model, images, out, prior_weight=1.0,
                                       num_class_images=2, class_image_steps=2, num_vectors=2))
 
 
@@ -40,7 +41,7 @@ def test_prior_preservation_generates_and_caches_class_images(prior_run, tiny_mo
     assert len(pngs) == 2
     stamps = [p.stat().st_mtime_ns for p in pngs]
     (pngs[1]).unlink()  # as if the run had been killed while generating
-    again = train_dreambooth(db_config(tiny_model, images, prior_run.out, prior_weight=1.0,
+    again = train(db_config(tiny_model, images, prior_run.out, prior_weight=1.0,
                                        num_class_images=2, class_image_steps=2, num_vectors=2,
                                        steps=1))
     assert again.steps == 1
@@ -48,7 +49,7 @@ def test_prior_preservation_generates_and_caches_class_images(prior_run, tiny_mo
 
 
 def test_saved_pipeline_reloads_with_matching_vocabulary(prior_run, tiny_model):
-    pipe = StableDiffusionPipeline.from_pretrained(prior_run.embeddings_path, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(prior_run.artifact, local_files_only=True)
     rows = pipe.text_encoder.get_input_embeddings().weight.shape[0]
     assert len(pipe.tokenizer) == rows
     assert {"<dog1>", "<dog1>_1"} <= set(pipe.tokenizer.get_vocab())
@@ -69,7 +70,7 @@ def test_real_class_images_with_captions_and_text_encoder(tiny_model, images, tm
     classes = write_concept_images(tmp_path / "classes", n=2, seed=5)
     captions = tmp_path / "captions.txt"
     captions.write_text("a dog on grass\na dog indoors\n")
-    result = train_dreambooth(db_config(tiny_model, images, tmp_path / "run", prior_weight=1.0,
+    result = train(db_config(tiny_model, images, tmp_path / "run", prior_weight=1.0,
                                         class_images=str(classes), class_prompt=str(captions),
                                         train_text_encoder=True))
     assert result.last_losses["prior"] > 0
@@ -77,9 +78,9 @@ def test_real_class_images_with_captions_and_text_encoder(tiny_model, images, tm
 
 
 def test_lora_saves_and_loads_in_stock_diffusers(tiny_model, images, tmp_path):
-    result = train_dreambooth(db_config(tiny_model, images, tmp_path / "lora", lora=True,
+    result = train(db_config(tiny_model, images, tmp_path / "lora", lora=True,
                                         lora_rank=2, lr=1e-2))
-    folder = result.embeddings_path
+    folder = result.artifact
     weights = load_file(str(folder / LORA_WEIGHTS_NAME))
     assert weights and all("lora" in k for k in weights)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
@@ -96,14 +97,14 @@ def test_lora_saves_and_loads_in_stock_diffusers(tiny_model, images, tmp_path):
 @pytest.mark.parametrize("lora", [False, True])
 def test_resume_ends_with_the_same_weights(tiny_model, images, tmp_path, lora):
     common = dict(steps=4, checkpoint_every=2, lora=lora, lora_rank=2)
-    whole = train_dreambooth(db_config(tiny_model, images, tmp_path / "whole", **common))
-    train_dreambooth(db_config(tiny_model, images, tmp_path / "parts", **{**common, "steps": 2}))
-    resumed = train_dreambooth(db_config(tiny_model, images, tmp_path / "parts", resume="latest",
+    whole = train(db_config(tiny_model, images, tmp_path / "whole", **common))
+    train(db_config(tiny_model, images, tmp_path / "parts", **{**common, "steps": 2}))
+    resumed = train(db_config(tiny_model, images, tmp_path / "parts", resume="latest",
                                          **common))
     assert resumed.steps == 4
-    files = sorted(p.relative_to(whole.embeddings_path)
-                   for p in whole.embeddings_path.rglob("*.safetensors"))
+    files = sorted(p.relative_to(whole.artifact)
+                   for p in whole.artifact.rglob("*.safetensors"))
     assert files
     for name in files:
-        a, b = (load_file(str(r.embeddings_path / name)) for r in (whole, resumed))
+        a, b = (load_file(str(r.artifact / name)) for r in (whole, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

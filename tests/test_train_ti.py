@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from compinv.methods.textual_inversion import train_textual_inversion
+from compinv.training import train
 from helpers import learned, ti_config
 
 
@@ -25,7 +25,7 @@ def three_vector_run(tiny_model, images, tmp_path_factory):
     cfg = ti_config(tiny_model, images, out, num_vectors=3, init_word="dog", steps=3,
                     save_every=2, checkpoint_every=2, validation_prompt=["a photo of {}"],
                     validation_every=2, num_validation_images=1, validation_steps=2)
-    return train_textual_inversion(cfg)
+    return train(cfg)
 
 
 def _base_table(tiny_model):
@@ -34,13 +34,13 @@ def _base_table(tiny_model):
 
 
 def test_all_vectors_train_and_every_other_row_is_bit_identical(three_vector_run, tiny_model):
-    vectors = learned(three_vector_run.embeddings_path)
+    vectors = learned(three_vector_run.artifact)
     pipe, base = _base_table(tiny_model)
     dog = base[pipe.tokenizer("dog", add_special_tokens=False).input_ids[0]]
     assert vectors.shape == (3, base.shape[1])
     assert all(not torch.equal(v, dog) for v in vectors), "a vector never left its init word"
 
-    pipe.load_textual_inversion(str(three_vector_run.embeddings_path))
+    pipe.load_textual_inversion(str(three_vector_run.artifact))
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     new_ids = pipe.tokenizer.convert_tokens_to_ids(["<cute-cat>", "<cute-cat>_1", "<cute-cat>_2"])
     assert new_ids == list(range(base.shape[0], base.shape[0] + 3))
@@ -48,21 +48,11 @@ def test_all_vectors_train_and_every_other_row_is_bit_identical(three_vector_run
 
 
 def test_frozen_rows_are_bit_identical_after_training(tiny_model, images, tmp_path):
-    from compinv.methods import textual_inversion as ti
+    from compinv.training import prepare
 
-    captured = {}
-    original_run = ti.Trainer.run
-
-    def run_and_capture(self):
-        result = original_run(self)
-        captured["table"] = self.method.text_encoder.get_input_embeddings().weight.detach().clone()
-        return result
-
-    ti.Trainer.run = run_and_capture
-    try:
-        train_textual_inversion(ti_config(tiny_model, images, tmp_path / "run", steps=3))
-    finally:
-        ti.Trainer.run = original_run
+    trainer = prepare(ti_config(tiny_model, images, tmp_path / "run", steps=3).resolved())
+    trainer.run()
+    captured = {"table": trainer.method.text_encoder.get_input_embeddings().weight.detach().clone()}
     _, base = _base_table(tiny_model)
     table = captured["table"]
     assert torch.equal(table[: base.shape[0]], base)
@@ -83,7 +73,7 @@ def test_run_folder_holds_every_output(three_vector_run):
 def test_artifact_changes_text_encoder_output_in_stock_diffusers(three_vector_run, tiny_model):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, local_files_only=True)
     before = pipe.encode_prompt("a photo of dog", "cpu", 1, False)[0]
-    pipe.load_textual_inversion(str(three_vector_run.embeddings_path))
+    pipe.load_textual_inversion(str(three_vector_run.artifact))
     ids = pipe.tokenizer(pipe.maybe_convert_prompt("a <cute-cat>", pipe.tokenizer)).input_ids
     assert len(ids) == 2 + 1 + 3, "the prompt must expand to all three vectors"
     with_token = pipe.encode_prompt("a photo of <cute-cat>", "cpu", 1, False)[0]
@@ -99,33 +89,33 @@ def _distance_to(vectors: torch.Tensor, tiny_model, word: str) -> float:
 
 def test_anchor_keeps_vectors_closer_to_anchor_than_vanilla(tiny_model, images, tmp_path):
     common = dict(steps=8, init_word="dog", class_word="cat", lr=0.05, scale_lr=False)
-    anchored = train_textual_inversion(ti_config(tiny_model, images, tmp_path / "a",
+    anchored = train(ti_config(tiny_model, images, tmp_path / "a",
                                                  anchor_weight=0.95, recon_weight=0.05, **common))
-    vanilla = train_textual_inversion(ti_config(tiny_model, images, tmp_path / "v",
+    vanilla = train(ti_config(tiny_model, images, tmp_path / "v",
                                                 no_anchor=True, **common))
-    d_anchor = _distance_to(learned(anchored.embeddings_path), tiny_model, "cat")
-    d_vanilla = _distance_to(learned(vanilla.embeddings_path), tiny_model, "cat")
+    d_anchor = _distance_to(learned(anchored.artifact), tiny_model, "cat")
+    d_vanilla = _distance_to(learned(vanilla.artifact), tiny_model, "cat")
     assert d_anchor < d_vanilla
     assert json.loads((tmp_path / "v" / "config.json").read_text())["anchor_weight"] == 0.0
 
 
 def test_interrupted_and_resumed_run_ends_with_same_embedding(tiny_model, images, tmp_path):
     common = dict(steps=4, grad_accum=2, checkpoint_every=2, num_vectors=2)
-    whole = train_textual_inversion(ti_config(tiny_model, images, tmp_path / "whole", **common))
+    whole = train(ti_config(tiny_model, images, tmp_path / "whole", **common))
     part = ti_config(tiny_model, images, tmp_path / "parts", **{**common, "steps": 2})
-    train_textual_inversion(part)
-    resumed = train_textual_inversion(ti_config(tiny_model, images, tmp_path / "parts",
+    train(part)
+    resumed = train(ti_config(tiny_model, images, tmp_path / "parts",
                                                 resume="latest", **common))
     assert resumed.steps == 4
-    assert torch.equal(learned(whole.embeddings_path), learned(resumed.embeddings_path))
+    assert torch.equal(learned(whole.artifact), learned(resumed.artifact))
 
 
 @pytest.mark.parametrize("settings", [{"mixed_precision": "bf16"},
                                       {"gradient_checkpointing": True}])
 def test_memory_options_train(tiny_model, images, tmp_path, settings):
-    result = train_textual_inversion(ti_config(tiny_model, images, tmp_path / "run", steps=2,
+    result = train(ti_config(tiny_model, images, tmp_path / "run", steps=2,
                                                init_word="dog", **settings))
-    vectors = learned(result.embeddings_path)
+    vectors = learned(result.artifact)
     assert torch.isfinite(vectors).all()
     pipe, base = _base_table(tiny_model)
     assert not torch.equal(vectors[0], base[pipe.tokenizer("dog").input_ids[1]])
@@ -134,7 +124,7 @@ def test_memory_options_train(tiny_model, images, tmp_path, settings):
 def test_tensorboard_logs_each_loss_term(tiny_model, images, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train_textual_inversion(ti_config(tiny_model, images, tmp_path / "tb", steps=2,
+    train(ti_config(tiny_model, images, tmp_path / "tb", steps=2,
                                       report_to="tensorboard"))
     events = [p for p in (tmp_path / "tb" / "logs").rglob("events.out.tfevents.*")]
     tags = set()

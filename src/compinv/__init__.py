@@ -12,14 +12,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "TrainConfig": "compinv.config",
+    "train": "compinv.training",
+    "TrainConfig": "compinv.methods.textual_inversion",
+    "CustomDiffusionConfig": "compinv.methods.custom_diffusion",
+    "DreamBoothConfig": "compinv.methods.dreambooth",
+    "TrainResult": "compinv.trainer",
+    "METHODS": "compinv.methods",
     "GenerateConfig": "compinv.config",
     "CompinvError": "compinv.errors",
-    "train_textual_inversion": "compinv.methods.textual_inversion",
-    "CustomDiffusionConfig": "compinv.config",
-    "DreamBoothConfig": "compinv.config",
-    "train_custom_diffusion": "compinv.methods.custom_diffusion",
-    "train_dreambooth": "compinv.methods.dreambooth",
+    "train_textual_inversion": "compinv.training",
+    "train_custom_diffusion": "compinv.training",
+    "train_dreambooth": "compinv.training",
     "load_concepts": "compinv.concepts",
     "generate": "compinv.generate",
     "load_pipeline": "compinv.models",

@@ -1,12 +1,17 @@
-"""Artifacts on disk: atomic writes and diffusers' textual-inversion file format.
+"""Artifacts on disk: atomic files and folders, checkpoints, diffusers' embedding format.
 
-Every file is written to a temporary name in its folder and renamed into place, so a run
-folder never holds a half-written file, even when a run is killed mid-save.
+Every file is written to a temporary name in its folder and renamed into place, and every
+folder (a method's artifact, a checkpoint) is built under a staging name and renamed into
+place once complete (`staged_folder`), so a run folder never holds a half-written file or
+folder, even when a run is killed mid-save.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,29 +26,29 @@ from compinv.errors import CompinvError
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 
 
-def ensure_writable_dir(path: str | Path, flag: str) -> Path:
-    """Create `path` as a folder or fail with a message naming the flag and the fix."""
+def ensure_writable_dir(path: str | Path, argument: str) -> Path:
+    """Create `path` as a folder or fail with a message naming the argument and the fix."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise CompinvError(f"{flag} {path} is a file; pass a folder path")
+        raise CompinvError(f"`{argument}` {path} is a file; pass a folder path")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as exc:
-        raise CompinvError(f"{flag} {path} is not writable ({exc.strerror}); choose another "
+        raise CompinvError(f"`{argument}` {path} is not writable ({exc.strerror}); choose another "
                            "folder or fix its permissions") from exc
     return path
 
 
 @contextmanager
-def output_folder(path: str | Path, flag: str) -> Iterator[Path]:
+def output_folder(path: str | Path, argument: str = "out") -> Iterator[Path]:
     """`ensure_writable_dir`, removing the folder again if the run fails before writing to it.
 
     Bad inputs are found after the folder is checked; they must not leave an empty run folder.
     """
     existed = Path(path).exists()
-    out = ensure_writable_dir(path, flag)
+    out = ensure_writable_dir(path, argument)
     try:
         yield out
     except BaseException:
@@ -105,3 +110,93 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         index, name = key.split(".")
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+# ---- folders: staged, then renamed into place ------------------------------------------------
+def staging_path(path: Path) -> Path:
+    """The hidden name a folder is built under before it replaces `path`."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def commit_staged(staging: Path, path: Path) -> None:
+    """Move a complete staging folder to `path`; `path` is always old-complete or new-complete.
+
+    The previous version is renamed away first and deleted after.
+    """
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(path: Path) -> Iterator[Path]:
+    """Write a folder artifact under its staging name; it appears at `path` only once complete."""
+    staging = staging_path(path)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        commit_staged(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "compinv_state.json"
+
+
+def checkpoint_step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def find_checkpoint(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint folder `resume` names ('latest' or a path), or a clear error."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = sorted((out / CHECKPOINT_DIR).glob("checkpoint-*"), key=checkpoint_step)
+        if not found:
+            raise CompinvError(f"`resume` latest: no checkpoint in {out / CHECKPOINT_DIR}; run "
+                               "without `resume` to start, or pass a checkpoint folder")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise CompinvError(f"`resume` {resume}: not a compinv checkpoint folder (no {STATE_FILE}); "
+                           f"pass 'latest' or a folder such as {out / CHECKPOINT_DIR}/checkpoint-500")
+    return path
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
+    """The training state (trained modules, optimizer, lr schedule, RNG) after `step` steps.
+
+    Every process writes its part into the staging folder; the main process then commits it
+    and keeps only the newest `keep` checkpoints (0: all).
+    """
+    root = out / CHECKPOINT_DIR
+    final = root / f"checkpoint-{step}"
+    staging = staging_path(final)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(staging / STATE_FILE, json.dumps({"step": step}))
+        commit_staged(staging, final)
+        found = sorted(root.glob("checkpoint-*"), key=checkpoint_step)
+        for old in found[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> int:
+    """Restore the training state saved by `save_checkpoint`; returns its step."""
+    state = json.loads((path / STATE_FILE).read_text())
+    accelerator.load_state(str(path))
+    return int(state["step"])

@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from compinv.config import (CustomDiffusionConfig, DreamBoothConfig, GenerateConfig,
-                            TrainConfig, add_arguments, build_config)
+from compinv.config import GenerateConfig
 from compinv.errors import CompinvError
+from compinv.options import add_arguments, build_config, flag_for
 from compinv.toy.cli import add_toy_commands
 
 
@@ -24,25 +24,12 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a random {args.size} SD-1.x-shaped pipeline to {out}")
 
 
-def _cmd_train_ti(args: argparse.Namespace) -> None:
-    from compinv.methods.textual_inversion import train_textual_inversion
+def _cmd_train(args: argparse.Namespace) -> None:
+    from compinv.methods import METHODS
+    from compinv.training import train
 
-    result = train_textual_inversion(build_config(TrainConfig, args, args.config))
-    print(f"learned embedding: {result.embeddings_path}")
-
-
-def _cmd_train_cd(args: argparse.Namespace) -> None:
-    from compinv.methods.custom_diffusion import train_custom_diffusion
-
-    result = train_custom_diffusion(build_config(CustomDiffusionConfig, args, args.config))
-    print(f"learned weights: {result.embeddings_path}")
-
-
-def _cmd_train_db(args: argparse.Namespace) -> None:
-    from compinv.methods.dreambooth import train_dreambooth
-
-    result = train_dreambooth(build_config(DreamBoothConfig, args, args.config))
-    print(f"learned weights: {result.embeddings_path}")
+    result = train(build_config(METHODS[args.method].config_class, args, args.config))
+    print(f"learned {'embedding' if result.artifact.is_file() else 'weights'}: {result.artifact}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -72,20 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="learn a concept")
     methods = train.add_subparsers(dest="method", required=True)
-    ti = methods.add_parser("textual-inversion", help="Textual Inversion with semantic inversion",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ti.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
-    add_arguments(ti, TrainConfig)
-    ti.set_defaults(func=_cmd_train_ti)
-    for name, cls, func, text in (
-            ("custom-diffusion", CustomDiffusionConfig, _cmd_train_cd,
-             "Custom Diffusion (attn2 K/V + tokens) with semantic inversion"),
-            ("dreambooth", DreamBoothConfig, _cmd_train_db,
-             "DreamBooth (whole UNet or --lora) with semantic inversion")):
-        parser_ = methods.add_parser(name, help=text, description=text)
+    from compinv.methods import METHODS
+
+    for method in METHODS.values():
+        parser_ = methods.add_parser(method.name, help=method.help, description=method.help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         parser_.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
-        add_arguments(parser_, cls)
-        parser_.set_defaults(func=func)
+        add_arguments(parser_, method.config_class)
+        parser_.set_defaults(func=_cmd_train)
 
     gen = sub.add_parser("generate", help="generate images with learned concepts")
     gen.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
@@ -117,12 +98,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     _quiet_libraries()
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except CompinvError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.render(flag_for)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; resume with --resume latest", file=sys.stderr)

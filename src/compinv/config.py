@@ -1,132 +1,36 @@
-"""Run settings as dataclasses: the one source of options, defaults and help.
+"""Run settings, composed from option groups, with one validation pass per run.
 
-The CLI flags are generated from these fields (`add_arguments`), `--config FILE` fills the same
-fields from YAML or JSON, and flags given on the command line override the file. Defaults are
-the official code's published TI settings (KNOWLEDGE.md §2).
+Each training method's config (in its module under `compinv.methods`) is made of the groups
+below: what every run has (`RunOptions`, `DataOptions`, `OptimizerOptions`, `LossOptions`),
+one concept from flags (`ConceptOptions`), and, for Custom Diffusion and DreamBooth, several
+concepts and prior preservation (`ConceptsFileOptions`). A group holds fields only; the checks
+are plain functions (`resolve_common`, `single_concept`, `concepts_of`) that a method's
+`resolved()` calls once, filling `concept_list` so that the concepts file is parsed once.
+
+Defaults are the official code's published settings (docs/official-code.md). This module is
+torch-free, so the CLI can build its flags without loading a model library.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import types
-import typing
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from compinv.errors import CompinvError
+from compinv.options import option, read_yaml
 from compinv.spatial.options import SCHEDULER_CLASSES, GuidanceConfig
-
-
-def option(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field carrying its CLI help (and argparse extras such as `choices`)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one Textual Inversion run with semantic inversion."""
-
-    model: str = option(None, "local diffusers pipeline folder or hub id of an SD 1.x/2.x model")
-    images: str = option(None, "folder with the concept's images (3-20 photos are typical)")
-    token: str = option(None, "the new word, e.g. '<cute-cat>'")
-    init_word: str = option(None, "one-token word whose embedding initialises the new vectors "
-                                   "(default: the class word, else the anchor word)")
-    class_word: str = option(None, "noun kept after the token in training prompts ('a photo of a "
-                                   "<cute-cat> cat'), as the official code does")
-    no_class_word: bool = option(False, "train with vanilla prompts ('a photo of a <cute-cat>')")
-    anchor_word: str = option(None, "one-token word the learned vectors are pulled toward "
-                                    "(default: the class word, else the init word)")
-    num_vectors: int = option(1, "vectors per token (the official code uses 3)")
-    anchor_weight: float = option(0.95, "weight of the semantic anchor loss")
-    recon_weight: float = option(0.05, "weight of the diffusion reconstruction loss")
-    no_anchor: bool = option(False, "vanilla Textual Inversion: reconstruction weight 1, anchor 0")
-    steps: int = option(5000, "optimisation steps (each one after --grad-accum micro-batches)")
-    lr: float = option(0.005, "learning rate (per sample when --scale-lr is on)")
-    scale_lr: bool = option(True, "multiply --lr by batch size x grad accumulation x processes "
-                                  "(official: 0.005 x 4 x 2 = 0.04); --no-scale-lr to use it as is")
-    lr_scheduler: str = option("constant", "diffusers lr schedule", choices=[
-        "constant", "constant_with_warmup", "linear", "cosine"])
-    lr_warmup_steps: int = option(0, "warm-up steps of the lr schedule")
-    batch_size: int = option(4, "images per micro-batch and process")
-    grad_accum: int = option(2, "micro-batches per optimisation step")
-    resolution: int = option(512, "training resolution in pixels (images are resized and "
-                                  "center-cropped)")
-    center_crop: bool = option(True, "center-crop to a square before resizing; --no-center-crop "
-                                     "takes random crops")
-    flip_p: float = option(0.5, "probability of a horizontal flip")
-    repeats: int = option(100, "how often each image appears per epoch (sets the epoch length "
-                               "logged to TensorBoard)")
-    seed: int = option(8888, "random seed (the official code's)")
-    out: str = option(None, "run folder for embeddings, checkpoints, images and logs")
-    resume: str = option(None, "'latest' or a checkpoint folder to continue from")
-    checkpoint_every: int = option(500, "save accelerate state every N steps (0: never)")
-    checkpoints_total_limit: int = option(2, "keep only this many checkpoints (0: keep all)")
-    save_every: int = option(500, "save the learned embedding every N steps (0: only at the end)")
-    validation_prompt: list[str] = option([], "prompt for validation images; repeatable; '{}' or "
-                                              "the token marks the concept", action="append")
-    validation_every: int = option(500, "make validation images every N steps (0: only at the end)")
-    num_validation_images: int = option(4, "images per validation prompt")
-    validation_steps: int = option(25, "denoising steps of validation images")
-    mixed_precision: str = option("no", "precision of the frozen UNet and VAE",
-                                  choices=["no", "fp16", "bf16"])
-    gradient_checkpointing: bool = option(False, "trade compute for memory in UNet and text encoder")
-    report_to: str = option("none", "experiment tracker", choices=["tensorboard", "none"])
-    weight_decay: float = option(1e-2, "AdamW weight decay (official: 1e-2)")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon")
-    max_grad_norm: float = option(0.0, "clip gradients to this norm (0: no clipping)")
-
-    def resolved(self) -> TrainConfig:
-        """Fill derived defaults (anchor/init words, --no-anchor weights) and check ranges."""
-        cfg = dataclasses.replace(self)
-        for name in ("model", "images", "token", "out"):
-            if not getattr(cfg, name):
-                raise CompinvError(f"--{name.replace('_', '-')} is required")
-        if cfg.no_class_word:
-            cfg.class_word = None
-        cfg.anchor_word = cfg.anchor_word or cfg.class_word or cfg.init_word
-        cfg.init_word = cfg.init_word or cfg.class_word or cfg.anchor_word
-        if cfg.no_anchor:
-            cfg.recon_weight, cfg.anchor_weight = 1.0, 0.0
-        if cfg.init_word is None:
-            raise CompinvError("--init-word is required when neither --class-word nor "
-                               "--anchor-word is given (e.g. --init-word cat)")
-        if cfg.anchor_weight > 0 and cfg.anchor_word is None:
-            raise CompinvError("--anchor-word is required for semantic inversion "
-                               "(or pass --no-anchor for vanilla Textual Inversion)")
-        positive = ("steps", "batch_size", "grad_accum", "resolution", "repeats")
-        for name in positive:
-            if getattr(cfg, name) < 1:
-                raise CompinvError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
-        if cfg.num_vectors < 1:
-            raise CompinvError(f"--num-vectors {cfg.num_vectors}: must be at least 1")
-        if cfg.anchor_weight < 0 or cfg.recon_weight < 0 or cfg.lr <= 0:
-            raise CompinvError("--anchor-weight and --recon-weight must be >= 0 and --lr > 0")
-        return cfg
-
-    def effective_lr(self, processes: int) -> float:
-        """--lr, scaled by the global batch when --scale-lr is on."""
-        return self.lr * self.batch_size * self.grad_accum * processes if self.scale_lr else self.lr
-
-
-CONCEPT_KEYS = ("token", "class_word", "anchor_word", "init_word", "images", "instance_prompt",
-                "class_prompt", "class_images")
 
 
 @dataclass(frozen=True)
 class ConceptSpec:
-    """One concept of a Custom Diffusion / DreamBooth run (from flags or one --concepts entry).
+    """One concept of a run (from flags or one `concepts` file entry).
 
     `instance_prompt` and `class_prompt` may hold '{}' for the token (with its class word).
-    `class_prompt` may instead be a .txt file with one caption per class image.
+    `class_prompt` may instead be a .txt file with one caption per class image. `where` says
+    where the concept came from, for error messages.
     """
 
     token: str
@@ -137,58 +41,111 @@ class ConceptSpec:
     instance_prompt: str | None = None
     class_prompt: str | None = None
     class_images: str | None = None
+    where: str = "`token`"
 
-    def resolved(self, where: str) -> ConceptSpec:
-        """Fill the anchor/init words from the class word, as --class-word does for TI."""
+    def resolved(self) -> ConceptSpec:
+        """Fill the anchor/init words from each other and the class word."""
         anchor = self.anchor_word or self.class_word or self.init_word
         init = self.init_word or self.class_word or self.anchor_word
         if init is None:
-            raise CompinvError(f"{where}: needs class_word, init_word or anchor_word "
+            raise CompinvError(f"{self.where}: needs class_word, init_word or anchor_word "
                                "(e.g. class_word: cat)")
         if self.instance_prompt and "{}" not in self.instance_prompt \
                 and self.token not in self.instance_prompt.split():
-            raise CompinvError(f"{where}: instance_prompt {self.instance_prompt!r} must contain "
+            raise CompinvError(f"{self.where}: instance prompt {self.instance_prompt!r} must contain "
                                f"the token {self.token!r} or '{{}}'")
         return dataclasses.replace(self, anchor_word=anchor, init_word=init)
 
 
-def read_yaml(path: Path, flag: str, fix: str) -> Any:
-    """Parse a YAML (or JSON, a subset of YAML) file named by `flag`, with one-line errors."""
-    if not path.is_file():
-        raise CompinvError(f"{flag} {path}: file not found; {fix}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CompinvError(f"{flag} {path}: not valid YAML or JSON ({exc})") from exc
-
-
-def load_concepts_file(path: str | Path) -> list[ConceptSpec]:
-    """Read a YAML or JSON list of concepts; every schema error names the entry and the key."""
-    path = Path(path)
-    data = read_yaml(path, "--concepts", "pass a YAML or JSON list of concepts")
-    if not isinstance(data, list) or not data:
-        raise CompinvError(f"--concepts {path}: must be a non-empty list of concepts, each a mapping "
-                           "with at least 'token' and 'images'")
-    return [_concept_entry(entry, f"--concepts {path}: entry {i + 1}") for i, entry in enumerate(data)]
-
-
-def _concept_entry(entry: Any, where: str) -> ConceptSpec:
-    if not isinstance(entry, dict):
-        raise CompinvError(f"{where}: must be a mapping (token: ..., images: ...), got {entry!r}")
-    for key, value in entry.items():
-        if key not in CONCEPT_KEYS:
-            raise CompinvError(f"{where}: unknown key {key!r}; valid keys: {', '.join(CONCEPT_KEYS)}")
-        if value is not None and not isinstance(value, str):
-            raise CompinvError(f"{where}: key {key!r} must be a string, got {value!r}")
-    for key in ("token", "images"):
-        if not entry.get(key):
-            raise CompinvError(f"{where}: missing key {key!r}")
-    return ConceptSpec(**entry)
+CONCEPT_KEYS = tuple(f.name for f in dataclasses.fields(ConceptSpec) if f.name != "where")
 
 
 @dataclass
-class ConceptTrainConfig(TrainConfig):
-    """Settings shared by Custom Diffusion and DreamBooth: several concepts and prior preservation."""
+class RunOptions:
+    """Where the run reads and writes, and what it shows people along the way."""
+
+    model: str = option(None, "local diffusers pipeline folder or hub id of an SD 1.x/2.x model")
+    out: str = option(None, "run folder for the learned weights, checkpoints, images and logs")
+    resume: str = option(None, "'latest' or a checkpoint folder to continue from")
+    checkpoint_every: int = option(500, "save the training state every N steps (0: never)")
+    checkpoints_total_limit: int = option(2, "keep only this many checkpoints (0: keep all)")
+    save_every: int = option(500, "save a copy of the learned weights every N steps (0: only at "
+                                  "the end)")
+    validation_prompt: list[str] = option([], "prompt for validation images; repeatable; '{}' or "
+                                              "the token marks the concept", action="append")
+    validation_every: int = option(500, "make validation images every N steps (0: only at the end)")
+    num_validation_images: int = option(4, "images per validation prompt")
+    validation_steps: int = option(25, "denoising steps of validation images")
+    mixed_precision: str = option("no", "precision of the frozen UNet and VAE",
+                                  choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = option(False, "trade compute for memory in UNet and text encoder")
+    report_to: str = option("none", "experiment tracker", choices=["tensorboard", "none"])
+
+
+@dataclass
+class DataOptions:
+    """How concept images become training samples."""
+
+    resolution: int = option(512, "training resolution in pixels (images are resized and "
+                                  "center-cropped)")
+    center_crop: bool = option(True, "center-crop to a square before resizing; --no-center-crop "
+                                     "takes random crops")
+    flip_p: float = option(0.5, "probability of a horizontal flip")
+    repeats: int = option(100, "how often each image appears per epoch (sets the epoch length "
+                               "logged to TensorBoard)")
+    seed: int = option(8888, "random seed (the official code's)")
+
+
+@dataclass
+class OptimizerOptions:
+    """AdamW and its learning-rate schedule."""
+
+    steps: int = option(5000, "optimisation steps (each one after --grad-accum micro-batches)")
+    lr: float = option(0.005, "learning rate (per sample when --scale-lr is on)")
+    scale_lr: bool = option(True, "multiply --lr by batch size x grad accumulation x processes "
+                                  "(official: 0.005 x 4 x 2 = 0.04); --no-scale-lr to use it as is")
+    lr_scheduler: str = option("constant", "diffusers lr schedule", choices=[
+        "constant", "constant_with_warmup", "linear", "cosine"])
+    lr_warmup_steps: int = option(0, "warm-up steps of the lr schedule")
+    batch_size: int = option(4, "images per micro-batch and process")
+    grad_accum: int = option(2, "micro-batches per optimisation step")
+    weight_decay: float = option(1e-2, "AdamW weight decay (official: 1e-2)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(0.0, "clip the trained parameters' gradients to this norm "
+                                       "(0: no clipping)")
+
+
+@dataclass
+class LossOptions:
+    """loss = recon_weight * diffusion + anchor_weight * semantic anchor (+ prior_weight * prior)."""
+
+    anchor_weight: float = option(0.95, "weight of the semantic anchor loss")
+    recon_weight: float = option(0.05, "weight of the diffusion reconstruction loss")
+    no_anchor: bool = option(False, "vanilla method: reconstruction weight 1, anchor 0")
+
+
+@dataclass
+class ConceptOptions:
+    """One concept given by flags."""
+
+    images: str = option(None, "folder with the concept's images (3-20 photos are typical)")
+    token: str = option(None, "the new word, e.g. '<cute-cat>'")
+    init_word: str = option(None, "one-token word whose embedding initialises the new vectors "
+                                   "(default: the class word, else the anchor word)")
+    class_word: str = option(None, "noun kept after the token in training prompts ('a photo of a "
+                                   "<cute-cat> cat'), as the official code does")
+    anchor_word: str = option(None, "one-token word the learned vectors are pulled toward "
+                                    "(default: the class word, else the init word)")
+    num_vectors: int = option(1, "vectors per token (the official TI runs use 3)")
+    concept_list: tuple[ConceptSpec, ...] = option((), "the run's concepts, filled by resolved()",
+                                                   internal=True)
+
+
+@dataclass
+class ConceptsFileOptions:
+    """Several concepts (a `concepts` file) and prior preservation: Custom Diffusion, DreamBooth."""
 
     concepts: str = option(None, "YAML or JSON list of concepts (keys: " + ", ".join(CONCEPT_KEYS)
                                  + "); replaces --images/--token/--class-word/...")
@@ -203,109 +160,101 @@ class ConceptTrainConfig(TrainConfig):
     num_class_images: int = option(200, "class images to generate per concept when no "
                                         "--class-images folder is given")
     class_image_steps: int = option(50, "denoising steps for generated class images")
-    steps: int = option(500, "optimisation steps")
-    batch_size: int = option(2, "instance images per micro-batch and process (prior preservation "
-                                "adds as many class images)")
-    grad_accum: int = option(1, "micro-batches per optimisation step")
-    scale_lr: bool = option(False, "multiply --lr by batch size x grad accumulation x processes")
-    flip_p: float = option(0.0, "probability of a horizontal flip")
-    max_grad_norm: float = option(1.0, "clip gradients to this norm (0: no clipping)")
-    repeats: int = option(1, "how often each image appears per epoch")
-
-    def concept_specs(self) -> list[ConceptSpec]:
-        """The run's concepts: the --concepts file, or the one concept of the flags."""
-        if self.concepts:
-            specs = load_concepts_file(self.concepts)
-            where = [f"--concepts {self.concepts}: entry {i + 1}" for i in range(len(specs))]
-        else:
-            specs = [ConceptSpec(token=self.token, images=self.images, class_word=self.class_word,
-                                 anchor_word=self.anchor_word, init_word=self.init_word,
-                                 instance_prompt=self.instance_prompt,
-                                 class_prompt=self.class_prompt, class_images=self.class_images)]
-            where = ["--token/--images"]
-        specs = [s.resolved(w) for s, w in zip(specs, where)]
-        seen: dict[str, int] = {}
-        for i, spec in enumerate(specs):
-            if spec.token in seen:
-                raise CompinvError(f"--concepts {self.concepts}: entries {seen[spec.token] + 1} and "
-                                   f"{i + 1} both use the token {spec.token!r}; give each concept "
-                                   "its own token")
-            seen[spec.token] = i
-        if self.prior_weight > 0:
-            for spec, w in zip(specs, where):
-                if not (spec.class_word or spec.class_prompt):
-                    raise CompinvError(f"{w}: prior preservation (--prior-weight > 0) needs a "
-                                       "class word or a class prompt")
-        if self.anchor_weight > 0 and any(s.anchor_word is None for s in specs):
-            raise CompinvError("--anchor-word is required for semantic inversion "
-                               "(or pass --no-anchor)")
-        return specs
-
-    def resolved(self) -> ConceptTrainConfig:
-        cfg = dataclasses.replace(self)
-        given = [n for n in ("images", "token", "class_word", "init_word", "anchor_word",
-                             "instance_prompt", "class_prompt", "class_images") if getattr(cfg, n)]
-        if cfg.concepts and given:
-            raise CompinvError(f"--concepts replaces --{given[0].replace('_', '-')}; put it in the "
-                               "concepts file or drop --concepts")
-        if cfg.concepts:  # fill what TrainConfig.resolved checks; concepts are checked above
-            cfg.images, cfg.token, cfg.init_word = "<concepts>", "<concepts>", "<concepts>"
-        cfg = TrainConfig.resolved(cfg)
-        if self.concepts:
-            cfg.images = cfg.token = cfg.init_word = cfg.anchor_word = None
-        if cfg.no_class_word:
-            raise CompinvError("--no-class-word is a Textual Inversion option; leave --class-word "
-                               "out of the instance prompt with --instance-prompt instead")
-        if cfg.prior_weight < 0 or cfg.num_class_images < 1 or cfg.class_image_steps < 1:
-            raise CompinvError("--prior-weight must be >= 0, --num-class-images and "
-                               "--class-image-steps >= 1")
-        cfg.concept_specs()
-        return cfg
 
 
-@dataclass
-class CustomDiffusionConfig(ConceptTrainConfig):
-    """Custom Diffusion (attn2 K/V + token rows) with the official code's settings."""
-
-    freeze_model: str = option("crossattn_kv", "what of the cross-attention layers is trained: "
-                                               "K and V, or K, V, Q and the output projection",
-                               choices=["crossattn_kv", "crossattn"])
-    no_aug: bool = option(False, "turn off the scale augmentation (shrink/zoom with loss masks)")
-    hflip: bool = option(False, "random horizontal flips")
-    lr: float = option(4e-5, "learning rate (doubled with prior preservation, as officially)")
-
-    def effective_lr(self, processes: int) -> float:
-        """The official script doubles the rate when class images share the batch."""
-        lr = super().effective_lr(processes)
-        return lr * 2 if self.prior_weight > 0 else lr
-
-    def resolved(self) -> CustomDiffusionConfig:
-        cfg = ConceptTrainConfig.resolved(self)
-        cfg.flip_p = 0.5 if cfg.hflip else cfg.flip_p
-        return cfg
+# ---- validation: one pass, called by each method config's resolved() --------------------------
+_POSITIVE = ("steps", "batch_size", "grad_accum", "resolution", "repeats", "num_vectors")
 
 
-@dataclass
-class DreamBoothConfig(ConceptTrainConfig):
-    """DreamBooth (whole UNet, or a LoRA of it, + token rows) with the official code's settings."""
+def resolve_common(config: Any) -> Any:
+    """A copy of `config` with --no-anchor applied and the options every run has checked."""
+    cfg = dataclasses.replace(config)
+    for name in ("model", "out"):
+        if not getattr(cfg, name):
+            raise CompinvError(f"`{name}` is required")
+    if cfg.no_anchor:
+        cfg.recon_weight, cfg.anchor_weight = 1.0, 0.0
+    for name in _POSITIVE:
+        if getattr(cfg, name) < 1:
+            raise CompinvError(f"`{name}` {getattr(cfg, name)}: must be >= 1")
+    for name in ("anchor_weight", "recon_weight", "lr"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            raise CompinvError(f"`{name}` {value}: must be a finite number "
+                               + ("> 0" if name == "lr" else ">= 0"))
+    return cfg
 
-    train_text_encoder: bool = option(False, "also train the whole text encoder")
-    lora: bool = option(False, "train a LoRA of the UNet's attention instead of the whole UNet")
-    lora_rank: int = option(4, "rank of the LoRA matrices")
-    lr: float = option(1e-5, "learning rate (LoRA typically needs ~1e-4)")
-    steps: int = option(800, "optimisation steps")
-    batch_size: int = option(1, "instance images per micro-batch and process")
-    recon_weight: float = option(0.6, "weight of the diffusion reconstruction loss")
-    anchor_weight: float = option(0.4, "weight of the semantic anchor loss")
 
-    def resolved(self) -> DreamBoothConfig:
-        cfg = ConceptTrainConfig.resolved(self)
-        if cfg.lora and cfg.train_text_encoder:
-            raise CompinvError("--lora with --train-text-encoder is not supported; the LoRA adapts "
-                               "the UNet (the token rows are trained either way)")
-        if cfg.lora_rank < 1:
-            raise CompinvError(f"--lora-rank {cfg.lora_rank}: must be >= 1")
-        return cfg
+def single_concept(cfg: Any) -> ConceptSpec:
+    """The one concept given by the flags (`images`, `token`, words)."""
+    for name in ("images", "token"):
+        if not getattr(cfg, name):
+            raise CompinvError(f"`{name}` is required")
+    if not (cfg.init_word or cfg.class_word or cfg.anchor_word):
+        raise CompinvError("`init_word` is required when neither `class_word` nor `anchor_word` "
+                           "is given (e.g. init_word cat)")
+    return ConceptSpec(token=cfg.token, images=cfg.images, class_word=cfg.class_word,
+                       anchor_word=cfg.anchor_word, init_word=cfg.init_word,
+                       instance_prompt=getattr(cfg, "instance_prompt", None),
+                       class_prompt=getattr(cfg, "class_prompt", None),
+                       class_images=getattr(cfg, "class_images", None)).resolved()
+
+
+def concepts_of(cfg: Any) -> tuple[ConceptSpec, ...]:
+    """The concepts of a Custom Diffusion / DreamBooth run: the `concepts` file, or the flags."""
+    if not cfg.concepts:
+        return (single_concept(cfg),)
+    given = [n for n in ("images", "token", "class_word", "init_word", "anchor_word",
+                         "instance_prompt", "class_prompt", "class_images") if getattr(cfg, n)]
+    if given:
+        raise CompinvError(f"`concepts` replaces `{given[0]}`; put it in the concepts file or "
+                           "drop `concepts`")
+    specs = load_concepts_file(cfg.concepts)
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.token in seen:
+            raise CompinvError(f"`concepts` {cfg.concepts}: entries {seen[spec.token] + 1} and "
+                               f"{i + 1} both use the token {spec.token!r}; give each concept its "
+                               "own token")
+        seen[spec.token] = i
+    return specs
+
+
+def check_prior(cfg: Any) -> None:
+    """Prior preservation needs, for every concept, something to prompt its class images with."""
+    if cfg.prior_weight < 0 or cfg.num_class_images < 1 or cfg.class_image_steps < 1:
+        raise CompinvError("`prior_weight` must be >= 0, `num_class_images` and "
+                           "`class_image_steps` >= 1")
+    if cfg.prior_weight > 0:
+        for spec in cfg.concept_list:
+            if not (spec.class_word or spec.class_prompt):
+                raise CompinvError(f"{spec.where}: prior preservation (`prior_weight` > 0) needs "
+                                   "a class word or a class prompt")
+
+
+def load_concepts_file(path: str | Path) -> tuple[ConceptSpec, ...]:
+    """Read a YAML or JSON list of concepts; every schema error names the entry and the key."""
+    path = Path(path)
+    data = read_yaml(path, "concepts", "pass a YAML or JSON list of concepts")
+    if not isinstance(data, list) or not data:
+        raise CompinvError(f"`concepts` {path}: must be a non-empty list of concepts, each a "
+                           "mapping with at least 'token' and 'images'")
+    return tuple(_concept_entry(entry, f"`concepts` {path}: entry {i + 1}")
+                 for i, entry in enumerate(data))
+
+
+def _concept_entry(entry: Any, where: str) -> ConceptSpec:
+    if not isinstance(entry, dict):
+        raise CompinvError(f"{where}: must be a mapping (token: ..., images: ...), got {entry!r}")
+    for key, value in entry.items():
+        if key not in CONCEPT_KEYS:
+            raise CompinvError(f"{where}: unknown key {key!r}; valid keys: {', '.join(CONCEPT_KEYS)}")
+        if value is not None and not isinstance(value, str):
+            raise CompinvError(f"{where}: key {key!r} must be a string, got {value!r}")
+    for key in ("token", "images"):
+        if not entry.get(key):
+            raise CompinvError(f"{where}: missing key {key!r}")
+    return ConceptSpec(**entry, where=where).resolved()
 
 
 @dataclass
@@ -352,20 +301,20 @@ class GenerateConfig:
     def resolved(self) -> GenerateConfig:
         for name in ("model", "prompt", "out"):
             if not getattr(self, name):
-                raise CompinvError(f"--{name.replace('_', '-')} is required")
+                raise CompinvError(f"`{name}` is required")
         if self.num_images < 1 or self.steps < 1:
-            raise CompinvError("--num-images and --steps must be >= 1")
+            raise CompinvError("`num_images` and `steps` must be >= 1")
         if self.box and self.layout:
-            raise CompinvError("--box and --layout auto exclude each other; give boxes or 'auto'")
+            raise CompinvError("`box` and `layout` auto exclude each other; give boxes or 'auto'")
         if self.layout and not self.phrase:
-            raise CompinvError("--layout auto needs the phrases to place: add --phrase WORDS for each")
+            raise CompinvError("`layout` auto needs the phrases to place: add `phrase` WORDS for each")
         if self.phrase and not (self.layout or self.save_attention):
-            raise CompinvError("--phrase is used with --layout auto or --save-attention; "
-                               "with --box the phrases are named in the boxes")
+            raise CompinvError("`phrase` is used with `layout` auto or `save_attention`; "
+                               "with `box` the phrases are named in the boxes")
         if self.box and self.phrase:
-            raise CompinvError("--box names its phrases itself; drop --phrase")
+            raise CompinvError("`box` names its phrases itself; drop `phrase`")
         if self.save_attention and not (self.box or self.phrase):
-            raise CompinvError("--save-attention needs phrases: --box PHRASE=... or --phrase WORDS")
+            raise CompinvError("`save_attention` needs phrases: `box` PHRASE=... or `phrase` WORDS")
         if self.box or self.layout:
             self.guidance().validated(self.steps)
         return self
@@ -379,76 +328,12 @@ class GenerateConfig:
             heads="official" if self.official_heads else "all")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def __getattr__(name: str) -> Any:
+    """The method configs live with their methods; these names stay importable from here."""
+    homes = {"TrainConfig": "textual_inversion", "CustomDiffusionConfig": "custom_diffusion",
+             "DreamBoothConfig": "dreambooth"}
+    if name in homes:
+        import importlib
 
-
-def _base_type(tp: Any) -> Any:
-    """The scalar type of an annotation such as `int`, `str | None` or `list[str]`."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is list:
-        return typing.get_args(tp)[0]
-    return tp
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field; defaults are None so we can tell what was given."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = dict(f.metadata)
-        help_text = meta.pop("help")
-        tp = _base_type(hints[f.name])
-        if tp is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = f" (default: {default})" if default not in (None, []) else ""
-        parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=None,
-                            help=help_text + shown, **meta)
-
-
-def _coerce(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise CompinvError(f"{source}: unknown key {key!r}; valid keys: {', '.join(sorted(names))}")
-        tp = _base_type(hints[name])
-        if typing.get_origin(hints[name]) is list or hints[name] == list[str]:
-            value = [value] if isinstance(value, str) else list(value or [])
-        elif value is not None and not isinstance(value, tp):
-            try:
-                value = tp(value)
-            except (TypeError, ValueError) as exc:
-                raise CompinvError(f"{source}: key {key!r} must be {tp.__name__}, got {value!r}") from exc
-        out[name] = value
-    return out
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of option names (dashes or underscores) to values."""
-    path = Path(path)
-    data = read_yaml(path, "--config", "pass a YAML or JSON file of option names and values")
-    if not isinstance(data, dict):
-        raise CompinvError(f"--config {path}: must hold a mapping of option names to values")
-    return data
-
-
-def build_config(cls: type, args: argparse.Namespace, config_file: str | None = None) -> Any:
-    """Dataclass defaults, then the config file, then the flags actually given."""
-    values: dict[str, Any] = {}
-    if config_file:
-        values.update(_coerce(cls, load_config_file(config_file), f"--config {config_file}"))
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
-        if given is not None and given != []:
-            values[f.name] = given
-    return cls(**values)
-
-
-def config_to_json(cfg: Any) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+        return getattr(importlib.import_module(f"compinv.methods.{homes[name]}"), name)
+    raise AttributeError(f"module 'compinv.config' has no attribute {name!r}")

@@ -9,7 +9,8 @@ over one process or several: resume and data-parallel runs reproduce a single-pr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,18 @@ from compinv.errors import CompinvError
 
 log = logging.getLogger("compinv")
 
-# The "a photo of a {}" object templates of Textual Inversion, used by the official code.
-OBJECT_TEMPLATES = (
+# Textual Inversion's prompt templates, filled with the concept ("<cute-cat> cat"). The official
+# Compositional Inversion code uses its own list of 22 (no leading article); that is the default.
+OFFICIAL_TEMPLATES = (
+    "photo of a {}", "rendering of a {}", "cropped photo of the {}", "photo of a clean {}",
+    "photo of a dirty {}", "dark photo of the {}", "photo of my {}", "photo of the cool {}",
+    "bright photo of the {}", "cropped photo of a {}", "photo of the {}", "good photo of the {}",
+    "photo of one {}", "rendition of the {}", "photo of the clean {}", "rendition of a {}",
+    "photo of a nice {}", "good photo of a {}", "photo of the nice {}", "photo of the weird {}",
+    "photo of the large {}", "photo of a cool {}",
+)
+# The original Textual Inversion list ("a photo of a {}", ...), for `templates="textual-inversion"`.
+TEXTUAL_INVERSION_TEMPLATES = (
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
     "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
     "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}",
@@ -32,6 +43,7 @@ OBJECT_TEMPLATES = (
     "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}",
     "a photo of a cool {}", "a photo of a small {}",
 )
+TEMPLATE_SETS = {"official": OFFICIAL_TEMPLATES, "textual-inversion": TEXTUAL_INVERSION_TEMPLATES}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -50,16 +62,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_images(folder: str | Path, flag: str = "--images",
+def load_images(folder: str | Path, argument: str = "`images`",
                 what: str = "the concept's images") -> list[Image.Image]:
     """Read every decodable image of a folder; skip (with a warning) what cannot be decoded."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CompinvError(f"{flag} {folder}: no such folder; pass the folder with {what}")
+        raise CompinvError(f"{argument} {folder}: no such folder; pass the folder with {what}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise CompinvError(f"{flag} {folder}: the folder is empty; put {what} in it"
-                           + (" (3-20 are typical)" if flag == "--images" else ""))
+        raise CompinvError(f"{argument} {folder}: the folder is empty; put {what} in it"
+                           + (" (3-20 are typical)" if what == "the concept's images" else ""))
     images = []
     for path in files:
         try:
@@ -69,7 +81,7 @@ def load_images(folder: str | Path, flag: str = "--images",
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             log.warning("skipping %s: not a readable image (%s)", path, exc)
     if not images:
-        raise CompinvError(f"{flag} {folder}: none of its {len(files)} files is a readable image "
+        raise CompinvError(f"{argument} {folder}: none of its {len(files)} files is a readable image "
                            f"(PNG, JPEG, WebP, ...); add {what}")
     return images
 
@@ -112,77 +124,151 @@ class Batch:
     is_prior: torch.Tensor | None = None  # [B] bool: class images of prior preservation
 
 
-class ConceptDataset:
-    """The concept's images with Textual-Inversion prompts; `batch()` is a pure function of its indices."""
-
-    def __init__(self, images: list[Image.Image], resolution: int, prompt_subject: str,
-                 tokenizer, seed: int, placeholder_ids: tuple[int, ...], anchor_id: int | None,
-                 center_crop: bool = True, flip_p: float = 0.5):
-        self.pixels = [resize_shorter_side(im, resolution) for im in images]
-        self.resolution = resolution
-        self.subject = prompt_subject
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.center_crop = center_crop
-        self.flip_p = flip_p
-        self.placeholder_ids = torch.tensor(placeholder_ids)
-        self.anchor_id = anchor_id
-        self._prompt_ids = self._tokenize([t.format(prompt_subject) for t in OBJECT_TEMPLATES])
-
-    def __len__(self) -> int:
-        return len(self.pixels)
-
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-
-    def _image_index(self, index: int) -> int:
-        """Sample `index` of an endless stream that visits every image once per epoch, shuffled."""
-        epoch, offset = divmod(index, len(self.pixels))
-        order = torch.randperm(len(self.pixels), generator=sample_generator(self.seed, epoch, salt=1))
-        return int(order[offset])
-
-    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = sample_generator(self.seed, index)
-        pixels = crop(self.pixels[self._image_index(index)], self.resolution, self.center_crop, gen)
-        if float(torch.rand(1, generator=gen)) < self.flip_p:
-            pixels = pixels.flip(-1)
-        template = int(torch.randint(0, len(OBJECT_TEMPLATES), (1,), generator=gen))
-        return pixels, self._prompt_ids[template]
-
-    def anchor_ids_for(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """The reference prompt: every placeholder vector's id replaced by the anchor word's id."""
-        if self.anchor_id is None:
-            return None
-        is_placeholder = torch.isin(input_ids, self.placeholder_ids)
-        return torch.where(is_placeholder, torch.full_like(input_ids, self.anchor_id), input_ids)
-
-    def batch(self, indices: list[int]) -> Batch:
-        pixels, ids = zip(*(self.sample(i) for i in indices))
-        input_ids = torch.stack(ids)
-        return Batch(
-            pixels=torch.stack(pixels),
-            input_ids=input_ids,
-            anchor_ids=self.anchor_ids_for(input_ids),
-            generators=[sample_generator(self.seed, i, salt=2) for i in indices],
-        )
-
-
-# Custom Diffusion's scale augmentation (KNOWLEDGE.md §2): the prompt says what happened.
+# Custom Diffusion's scale augmentation (docs/official-code.md): the prompt says what happened.
 SMALL_PREFIXES = ("a far away ", "very small ")
 ZOOM_PREFIXES = ("zoomed in ", "close up ")
 
 
 @dataclass
 class ConceptSamples:
-    """One concept's material: its photos and prompt, and its class images for prior preservation."""
+    """One concept's material: its photos, its prompt source and its prior-preservation images.
+
+    `prompts` is the prompt source: each sample draws one (Textual Inversion: every template
+    filled with the concept; Custom Diffusion / DreamBooth: the one instance prompt).
+    """
 
     images: list[Image.Image]
-    prompt: str
+    prompts: tuple[str, ...]
     placeholder_ids: tuple[int, ...]
     anchor_id: int | None
-    class_images: list[Image.Image]
-    class_captions: list[str]
+    class_images: list[Image.Image] = field(default_factory=list)
+    class_captions: list[str] = field(default_factory=list)
+
+
+class ConceptDataset:
+    """Concept photos (+ class images) of every method; `batch()` is a pure function of its indices.
+
+    Sample i is a concept photo from a stream that visits every photo of every concept once per
+    epoch, shuffled; with prior preservation, a class image of the same concept joins it in the
+    batch. `masked` gives every sample a latent-size loss mask (Custom Diffusion's loss is a
+    masked sum); `scale_aug` is Custom Diffusion's shrink/zoom augmentation, which needs it.
+    """
+
+    def __init__(self, concepts: list[ConceptSamples], resolution: int, tokenizer, seed: int,
+                 latent_factor: int = 8, scale_aug: bool = False, masked: bool = False,
+                 flip_p: float = 0.0, center_crop: bool = True, prior: bool = False):
+        self.concepts = concepts
+        self.resolution, self.tokenizer, self.seed = resolution, tokenizer, seed
+        self.latent_factor, self.scale_aug, self.flip_p = latent_factor, scale_aug, flip_p
+        self.masked = masked or scale_aug
+        self.center_crop, self.prior = center_crop, prior
+        self.pixels = [[resize_shorter_side(im, resolution) for im in c.images] for c in concepts]
+        self.class_pixels = [[resize_shorter_side(im, resolution) for im in c.class_images]
+                             for c in concepts]
+        self.stream = [(c, i) for c, imgs in enumerate(self.pixels) for i in range(len(imgs))]
+        self._ids: dict[str, torch.Tensor] = {}
+        pairs = [(p, c.anchor_id) for c in concepts if c.anchor_id is not None
+                 for p in c.placeholder_ids]
+        self._from = torch.tensor([p for p, _ in pairs], dtype=torch.long)
+        self._to = torch.tensor([a for _, a in pairs], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._ids:
+            self._ids[prompt] = self.tokenizer(
+                prompt, padding="max_length", truncation=True,
+                max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+        return self._ids[prompt]
+
+    @staticmethod
+    def _choice(options: tuple[str, ...], gen: torch.Generator) -> str:
+        """One of `options`; a single option draws nothing, so it leaves the sample's stream as is."""
+        if len(options) == 1:
+            return options[0]
+        return options[int(torch.randint(0, len(options), (1,), generator=gen))]
+
+    def _full_mask(self) -> torch.Tensor:
+        side = self.resolution // self.latent_factor
+        return torch.ones(1, side, side)
+
+    def augment(self, pixels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Custom Diffusion's scale augmentation: (pixels, latent-size loss mask, prompt prefix).
+
+        With p 0.66 the photo shrinks to [size/3, size] on a mid-grey canvas (0 in [-1, 1], as
+        the official code) and the loss only counts where it lies; otherwise it is zoomed to
+        [1.2, 1.4] x size and cropped.
+        """
+        size, f = self.resolution, self.latent_factor
+        mask = self._full_mask()
+        if not self.scale_aug:
+            return pixels, mask, ""
+        if float(torch.rand(1, generator=gen)) < 0.66:
+            scale = int(torch.randint(size // 3, size + 1, (1,), generator=gen))
+        else:
+            scale = int(torch.randint(int(1.2 * size), int(1.4 * size) + 1, (1,), generator=gen))
+        scale += scale % 2
+        resized = F.interpolate(pixels[None], size=(scale, scale), mode="bilinear",
+                                antialias=True, align_corners=False)[0]
+        if scale >= size:
+            top, left = (int(torch.randint(0, scale - size + 1, (1,), generator=gen)) for _ in range(2))
+            prefix = self._choice(ZOOM_PREFIXES, gen) if scale > size else ""
+            return resized[:, top : top + size, left : left + size], mask, prefix
+        top, left = (int(torch.randint(0, size - scale + 1, (1,), generator=gen)) for _ in range(2))
+        canvas = torch.zeros_like(pixels)
+        canvas[:, top : top + scale, left : left + scale] = resized
+        mask = torch.zeros_like(mask)
+        # One latent cell of margin, as the official code: edge cells mix image and canvas.
+        y0, y1 = top // f + 1, max(top // f + 2, (top + scale) // f - 1)
+        x0, x1 = left // f + 1, max(left // f + 2, (left + scale) // f - 1)
+        mask[:, y0:y1, x0:x1] = 1.0
+        prefix = self._choice(SMALL_PREFIXES, gen) if scale < 0.6 * size else ""
+        return canvas, mask, prefix
+
+    def _stream_entry(self, index: int) -> tuple[int, int]:
+        epoch, offset = divmod(index, len(self.stream))
+        order = torch.randperm(len(self.stream), generator=sample_generator(self.seed, epoch, salt=1))
+        return self.stream[int(order[offset])]
+
+    def _flipped(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return pixels.flip(-1) if float(torch.rand(1, generator=gen)) < self.flip_p else pixels
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concept photo `index`: pixels, prompt ids, loss mask."""
+        gen = sample_generator(self.seed, index)
+        c, image = self._stream_entry(index)
+        pixels = self._flipped(crop(self.pixels[c][image], self.resolution, self.center_crop, gen), gen)
+        prompt = self._choice(self.concepts[c].prompts, gen)
+        pixels, mask, prefix = self.augment(pixels, gen)
+        return pixels, self.tokenize(prefix + prompt), mask
+
+    def class_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The class image paired with concept photo `index` (same concept), unaugmented."""
+        gen = sample_generator(self.seed, index, salt=3)
+        c, _ = self._stream_entry(index)
+        k = int(torch.randint(0, len(self.class_pixels[c]), (1,), generator=gen))
+        pixels = self._flipped(crop(self.class_pixels[c][k], self.resolution, self.center_crop, gen), gen)
+        return pixels, self.tokenize(self.concepts[c].class_captions[k]), self._full_mask()
+
+    def anchor_ids_for(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Every placeholder id replaced by its own concept's anchor id (each concept its own word)."""
+        if not len(self._from):
+            return None
+        match = input_ids[..., None] == self._from
+        replaced = (match.long() * self._to).sum(-1)
+        return torch.where(match.any(-1), replaced, input_ids)
+
+    def batch(self, indices: list[int]) -> Batch:
+        samples = [self.sample(i) for i in indices]
+        gens = [sample_generator(self.seed, i, salt=2) for i in indices]
+        if self.prior:
+            samples += [self.class_sample(i) for i in indices]
+            gens += [sample_generator(self.seed, i, salt=4) for i in indices]
+        pixels, ids, masks = (torch.stack(x) for x in zip(*samples))
+        is_prior = torch.arange(len(samples)) >= len(indices) if self.prior else None
+        return Batch(pixels=pixels, input_ids=ids, anchor_ids=self.anchor_ids_for(ids),
+                     generators=gens, mask=masks if self.masked else None, is_prior=is_prior)
 
 
 def read_captions(class_prompt: str | None, count: int, where: str) -> list[str] | None:
@@ -207,8 +293,9 @@ def ensure_class_images(pipe, prompt: str, folder: Path, count: int, resolution:
     Image i uses seed + i and is written atomically as soon as it exists, so an interrupted run
     generates only the missing ones when started again.
     """
-    from compinv.artifacts import atomic_write_text, save_image
     from tqdm.auto import tqdm
+
+    from compinv.artifacts import atomic_write_text, save_image
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "prompt.txt", prompt + "\n")
@@ -228,149 +315,68 @@ def _read_png(path: Path) -> Image.Image:
         return to_rgb(image)
 
 
-class MultiConceptDataset:
-    """Concept photos (+ class images) of Custom Diffusion / DreamBooth; `batch()` is a pure
-    function of its indices, like `ConceptDataset`, so resume and data parallel stay exact.
+@dataclass
+class ConceptMaterial:
+    """What one concept's files hold, read before any model loads (bad inputs fail in seconds)."""
 
-    Sample i is a concept photo from a stream that visits every photo of every concept once per
-    epoch; with prior preservation, a class image of the same concept joins it in the batch.
-    """
-
-    def __init__(self, concepts: list[ConceptSamples], resolution: int, tokenizer, seed: int,
-                 latent_factor: int, scale_aug: bool = False, flip_p: float = 0.0,
-                 center_crop: bool = True, prior: bool = False):
-        self.concepts = concepts
-        self.resolution, self.tokenizer, self.seed = resolution, tokenizer, seed
-        self.latent_factor, self.scale_aug, self.flip_p = latent_factor, scale_aug, flip_p
-        self.center_crop, self.prior = center_crop, prior
-        self.pixels = [[resize_shorter_side(im, resolution) for im in c.images] for c in concepts]
-        self.class_pixels = [[resize_shorter_side(im, resolution) for im in c.class_images]
-                             for c in concepts]
-        self.stream = [(c, i) for c, imgs in enumerate(self.pixels) for i in range(len(imgs))]
-        self._ids: dict[str, torch.Tensor] = {}
-        pairs = [(p, c.anchor_id) for c in concepts if c.anchor_id is not None
-                 for p in c.placeholder_ids]
-        self._from = torch.tensor([p for p, _ in pairs], dtype=torch.long)
-        self._to = torch.tensor([a for _, a in pairs], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.stream)
-
-    def tokenize(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._ids:
-            self._ids[prompt] = self.tokenizer(
-                prompt, padding="max_length", truncation=True,
-                max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
-        return self._ids[prompt]
-
-    def _choice(self, options: tuple[str, ...], gen: torch.Generator) -> str:
-        return options[int(torch.randint(0, len(options), (1,), generator=gen))]
-
-    def augment(self, pixels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Custom Diffusion's scale augmentation: (pixels, latent-size loss mask, prompt prefix).
-
-        With p 0.66 the photo shrinks to [size/3, size] on a black canvas and the loss only
-        counts where it lies; otherwise it is zoomed to [1.2, 1.4] x size and cropped.
-        """
-        size, f = self.resolution, self.latent_factor
-        mask = torch.ones(1, size // f, size // f)
-        if not self.scale_aug:
-            return pixels, mask, ""
-        if float(torch.rand(1, generator=gen)) < 0.66:
-            scale = int(torch.randint(size // 3, size + 1, (1,), generator=gen))
-        else:
-            scale = int(torch.randint(int(1.2 * size), int(1.4 * size) + 1, (1,), generator=gen))
-        scale += scale % 2
-        resized = F.interpolate(pixels[None], size=(scale, scale), mode="bilinear",
-                                antialias=True, align_corners=False)[0]
-        if scale >= size:
-            top, left = (int(torch.randint(0, scale - size + 1, (1,), generator=gen)) for _ in range(2))
-            prefix = self._choice(ZOOM_PREFIXES, gen) if scale > size else ""
-            return resized[:, top : top + size, left : left + size], mask, prefix
-        top, left = (int(torch.randint(0, size - scale + 1, (1,), generator=gen)) for _ in range(2))
-        canvas = torch.full_like(pixels, -1.0)
-        canvas[:, top : top + scale, left : left + scale] = resized
-        mask = torch.zeros_like(mask)
-        # One latent cell of margin, as the official code: edge cells mix image and canvas.
-        y0, y1 = top // f + 1, max(top // f + 2, (top + scale) // f - 1)
-        x0, x1 = left // f + 1, max(left // f + 2, (left + scale) // f - 1)
-        mask[:, y0:y1, x0:x1] = 1.0
-        prefix = self._choice(SMALL_PREFIXES, gen) if scale < 0.6 * size else ""
-        return canvas, mask, prefix
-
-    def _stream_entry(self, index: int) -> tuple[int, int]:
-        epoch, offset = divmod(index, len(self.stream))
-        order = torch.randperm(len(self.stream), generator=sample_generator(self.seed, epoch, salt=1))
-        return self.stream[int(order[offset])]
-
-    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Concept photo `index`: pixels, prompt ids, loss mask."""
-        gen = sample_generator(self.seed, index)
-        concept, image = self._stream_entry(index)
-        pixels = crop(self.pixels[concept][image], self.resolution, self.center_crop, gen)
-        if float(torch.rand(1, generator=gen)) < self.flip_p:
-            pixels = pixels.flip(-1)
-        pixels, mask, prefix = self.augment(pixels, gen)
-        return pixels, self.tokenize(prefix + self.concepts[concept].prompt), mask
-
-    def class_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The class image paired with concept photo `index` (same concept), unaugmented."""
-        gen = sample_generator(self.seed, index, salt=3)
-        concept, _ = self._stream_entry(index)
-        images = self.class_pixels[concept]
-        k = int(torch.randint(0, len(images), (1,), generator=gen))
-        pixels = crop(images[k], self.resolution, self.center_crop, gen)
-        if float(torch.rand(1, generator=gen)) < self.flip_p:
-            pixels = pixels.flip(-1)
-        f = self.latent_factor
-        mask = torch.ones(1, self.resolution // f, self.resolution // f)
-        return pixels, self.tokenize(self.concepts[concept].class_captions[k]), mask
-
-    def anchor_ids_for(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Every placeholder id replaced by its own concept's anchor id (each concept its own word)."""
-        if not len(self._from):
-            return None
-        match = input_ids[..., None] == self._from
-        replaced = (match.long() * self._to).sum(-1)
-        return torch.where(match.any(-1), replaced, input_ids)
-
-    def batch(self, indices: list[int]) -> Batch:
-        samples = [self.sample(i) for i in indices]
-        gens = [sample_generator(self.seed, i, salt=2) for i in indices]
-        if self.prior:
-            samples += [self.class_sample(i) for i in indices]
-            gens += [sample_generator(self.seed, i, salt=4) for i in indices]
-        pixels, ids, masks = (torch.stack(x) for x in zip(*samples))
-        is_prior = torch.arange(len(samples)) >= len(indices) if self.prior else None
-        return Batch(pixels=pixels, input_ids=ids, anchor_ids=self.anchor_ids_for(ids),
-                     generators=gens, mask=masks if self.scale_aug else None, is_prior=is_prior)
+    photos: list[Image.Image]
+    class_images: list[Image.Image]
+    captions: list[str] | None  # None: prompt the class images with the class prompt
 
 
-def _where(cfg, index: int) -> str:
-    return f"--concepts {cfg.concepts}: entry {index + 1}" if cfg.concepts else "--images"
+def _argument(spec, key: str) -> str:
+    """How an error names a concept's folder: the argument itself, or the concepts-file entry."""
+    return f"`{key}`" if spec.where == "`token`" else f"{spec.where} {key}"
 
 
-def read_concept_material(cfg) -> list[tuple[list[Image.Image], list[Image.Image], list[str] | None]]:
-    """Every concept's photos and real class images (+ captions), read before any model loads.
+def read_concept_material(specs, prior_weight: float) -> list[ConceptMaterial]:
+    """Every concept's photos and real class images (+ captions).
 
-    Returns, per concept, (photos, class images, captions); captions None means "use the class
-    prompt"; no class images with prior preservation on means "generate them".
+    No class images with prior preservation on means "generate them" (`build_dataset`).
     """
     material = []
-    for i, spec in enumerate(cfg.concept_specs()):
-        where = _where(cfg, i)
-        photos = load_images(spec.images, f"{where} images" if cfg.concepts else "--images")
+    for spec in specs:
+        photos = load_images(spec.images, _argument(spec, "images"))
         classes: list[Image.Image] = []
         captions = None
-        if cfg.prior_weight > 0 and spec.class_images:
-            flag = f"{where} class_images" if cfg.concepts else "--class-images"
-            classes = load_images(spec.class_images, flag, "images of the class (any number >= 1)")
-            captions = read_captions(spec.class_prompt, len(classes), flag)
-        material.append((photos, classes, captions))
+        if prior_weight > 0 and spec.class_images:
+            where = _argument(spec, "class_images")
+            classes = load_images(spec.class_images, where, "images of the class (any number >= 1)")
+            captions = read_captions(spec.class_prompt, len(classes), where)
+        material.append(ConceptMaterial(photos, classes, captions))
     return material
 
 
-def build_concept_dataset(cfg, pipe, out: Path, material, scale_aug: bool):
+def subject(spec, token_text: str) -> str:
+    """What stands for the concept in prompts: all its vector names, then its class word."""
+    return token_text + (f" {spec.class_word}" if spec.class_word else "")
+
+
+def template_prompts(templates: tuple[str, ...]):
+    """Prompt source of Textual Inversion: every template, filled with the concept's subject."""
+    return lambda spec, token_text: tuple(t.format(subject(spec, token_text)) for t in templates)
+
+
+def instance_prompt(spec, token_text: str) -> tuple[str, ...]:
+    """Prompt source of Custom Diffusion / DreamBooth: '{}' becomes the token (all vectors) and
+    its class word; a prompt naming the token itself gets all its vector names."""
+    prompt = spec.instance_prompt or "photo of a {}"
+    if "{}" in prompt:
+        return (prompt.replace("{}", subject(spec, token_text)),)
+    return (" ".join(token_text if w == spec.token else w for w in prompt.split(" ")),)
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """How a method turns concepts into samples: its prompt source and loss-mask handling."""
+
+    prompts: Callable[..., tuple[str, ...]]
+    masked: bool = False
+    scale_aug: bool = False
+
+
+def build_dataset(cfg, pipe, out: Path, material: list[ConceptMaterial],
+                  recipe: DataRecipe) -> tuple[list, ConceptDataset]:
     """Add every concept's token (anchored to its own word) and build the training data.
 
     Missing class images are generated with the base model *before* the tokens are added, and
@@ -378,49 +384,40 @@ def build_concept_dataset(cfg, pipe, out: Path, material, scale_aug: bool):
     """
     from compinv.tokens import add_concept_tokens, single_token_id
 
-    specs = cfg.concept_specs()
+    specs = cfg.concept_list
     tokenizer = pipe.tokenizer
-    anchors = [single_token_id(tokenizer, s.anchor_word, f"{_where(cfg, i)} anchor word")
-               if cfg.anchor_weight > 0 else None for i, s in enumerate(specs)]
-    class_sets = [_class_set(cfg, pipe, out, spec, classes, captions)
-                  for spec, (_, classes, captions) in zip(specs, material)]
+    anchors = [single_token_id(tokenizer, s.anchor_word, _argument(s, "anchor_word"))
+               if cfg.anchor_weight > 0 else None for s in specs]
+    class_sets = [_class_set(cfg, pipe, out, spec, m) for spec, m in zip(specs, material)]
     tokens = add_concept_tokens(tokenizer, pipe.text_encoder,
-                                [(s.token, s.init_word) for s in specs], cfg.num_vectors)
-    concepts = [ConceptSamples(images=photos, prompt=_instance_prompt(spec, tok.text),
+                                [(s.token, s.init_word, _argument(s, "init_word")) for s in specs],
+                                cfg.num_vectors)
+    concepts = [ConceptSamples(images=m.photos, prompts=recipe.prompts(spec, tok.text),
                                placeholder_ids=tok.ids, anchor_id=anchor,
                                class_images=cls[0], class_captions=cls[1])
-                for spec, tok, anchor, (photos, _, _), cls in zip(specs, tokens, anchors, material,
-                                                                  class_sets)]
+                for spec, tok, anchor, m, cls in zip(specs, tokens, anchors, material, class_sets)]
     latent_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    dataset = MultiConceptDataset(concepts, cfg.resolution, tokenizer, cfg.seed, latent_factor,
-                                  scale_aug=scale_aug, flip_p=cfg.flip_p,
-                                  center_crop=cfg.center_crop, prior=cfg.prior_weight > 0)
+    prior = getattr(cfg, "prior_weight", 0.0) > 0
+    dataset = ConceptDataset(concepts, cfg.resolution, tokenizer, cfg.seed, latent_factor,
+                             scale_aug=recipe.scale_aug, masked=recipe.masked, flip_p=cfg.flip_p,
+                             center_crop=cfg.center_crop, prior=prior)
     return tokens, dataset
 
 
-def _instance_prompt(spec, token_text: str) -> str:
-    """The concept's training prompt: '{}' becomes the token (all vectors) and its class word."""
-    subject = token_text + (f" {spec.class_word}" if spec.class_word else "")
-    prompt = spec.instance_prompt or "photo of a {}"
-    if "{}" in prompt:
-        return prompt.replace("{}", subject)
-    return " ".join(token_text if w == spec.token else w for w in prompt.split(" "))
-
-
-def _class_set(cfg, pipe, out: Path, spec, classes, captions) -> tuple[list[Image.Image], list[str]]:
+def _class_set(cfg, pipe, out: Path, spec, material: ConceptMaterial) -> tuple[list[Image.Image], list[str]]:
     """(class images, their captions) of one concept; generated when no real ones were given.
 
     Under data parallelism every process generates the same seeded images and writes them
     atomically, so the cache is consistent (the work is repeated, not coordinated).
     """
-    if cfg.prior_weight <= 0:
+    if getattr(cfg, "prior_weight", 0.0) <= 0:
         return [], []
     prompt = spec.class_prompt or f"photo of a {spec.class_word}"
-    if classes:
-        return classes, captions or [prompt] * len(classes)
+    if material.class_images:
+        return material.class_images, material.captions or [prompt] * len(material.class_images)
     if prompt.endswith(".txt"):
         raise CompinvError(f"class prompt {prompt}: a captions file needs real class images; give "
-                           "class_images (--class-images) or a plain class prompt")
+                           "`class_images` too, or a plain class prompt")
     slug = "".join(c if c.isalnum() else "-" for c in prompt).strip("-")[:80]
     images = ensure_class_images(pipe, prompt, out / "class_images" / slug, cfg.num_class_images,
                                  cfg.resolution, cfg.class_image_steps, cfg.seed)

@@ -30,7 +30,7 @@ def resolve_embeddings_file(path: str | Path) -> Path:
     if path.is_dir():
         path = path / EMBEDDINGS_FILE
     if not path.is_file():
-        raise CompinvError(f"--embeddings {path}: no such file; pass learned_embeds.safetensors "
+        raise CompinvError(f"`embedding_files` {path}: no such file; pass learned_embeds.safetensors "
                            "or the --out folder of a training run")
     return path
 
@@ -43,7 +43,7 @@ def load_embeddings(pipe: StableDiffusionPipeline, files: list[str | Path]) -> l
         try:
             pipe.load_textual_inversion(str(path))
         except (ValueError, OSError) as exc:
-            raise CompinvError(f"--embeddings {path}: cannot be loaded ({exc})") from exc
+            raise CompinvError(f"`embedding_files` {path}: cannot be loaded ({exc})") from exc
     return sorted(set(pipe.tokenizer.get_vocab()) - before)
 
 
@@ -51,7 +51,7 @@ def generate(config: GenerateConfig) -> list[Path]:
     """Generate `num_images` images of `prompt`; image i uses seed + i. Returns the PNG paths."""
     cfg = config.resolved()
     layout = _layout_request(cfg)
-    with output_folder(cfg.out, "--out") as out:
+    with output_folder(cfg.out) as out:
         return _generate(cfg, out, layout)
 
 

@@ -35,13 +35,14 @@ def vector_names(token: str, num_vectors: int) -> tuple[str, ...]:
     return (token,) + tuple(f"{token}_{i}" for i in range(1, num_vectors))
 
 
-def single_token_id(tokenizer: CLIPTokenizer, word: str, flag: str) -> int:
-    """The id of a word that must be exactly one token (an init or anchor word)."""
+def single_token_id(tokenizer: CLIPTokenizer, word: str, argument: str) -> int:
+    """The id of a word that must be exactly one token (an init or anchor word); `argument`
+    names where the word came from in errors, e.g. "`init_word`"."""
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise CompinvError(
-            f"{flag} {word!r} is {len(ids)} tokens {pieces}, but it must be exactly one; "
+            f"{argument} {word!r} is {len(ids)} tokens {pieces}, but it must be exactly one; "
             "choose a single-token word (a common English noun such as 'cat' or 'toy')")
     return ids[0]
 
@@ -52,9 +53,9 @@ def add_concept_token(
 ) -> ConceptToken:
     """Add `token` with `num_vectors` vectors, each row initialised to the init word's row."""
     if num_vectors < 1:
-        raise CompinvError(f"--num-vectors {num_vectors}: must be at least 1")
+        raise CompinvError(f"`num_vectors` {num_vectors}: must be at least 1")
     if not token or any(c.isspace() for c in token):
-        raise CompinvError(f"--token {token!r}: must be one word without spaces, e.g. '<cute-cat>'")
+        raise CompinvError(f"`token` {token!r}: must be one word without spaces, e.g. '<cute-cat>'")
     names = vector_names(token, num_vectors)
     vocab = tokenizer.get_vocab()
     # A word that already tokenizes to one id ("cat" is "cat</w>") is taken as surely as an
@@ -62,7 +63,7 @@ def add_concept_token(
     taken = [n for n in names if n in vocab or len(tokenizer(n, add_special_tokens=False).input_ids) == 1]
     if taken:
         raise CompinvError(
-            f"--token {token!r} is already in the tokenizer's vocabulary ({', '.join(taken)}); "
+            f"`token` {token!r} is already in the tokenizer's vocabulary ({', '.join(taken)}); "
             "choose a new word, e.g. one in angle brackets like '<my-cat>'")
     tokenizer.add_tokens(list(names), special_tokens=False)
     ids = tuple(tokenizer.convert_tokens_to_ids(list(names)))
@@ -82,19 +83,19 @@ def expand_prompt(prompt: str, concept: ConceptToken) -> str:
 
 
 def add_concept_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
-                       specs: list[tuple[str, str]], num_vectors: int) -> list[ConceptToken]:
-    """Add several concepts at once; `specs` are (token, init word) pairs.
+                       specs: list[tuple[str, str, str]], num_vectors: int) -> list[ConceptToken]:
+    """Add several concepts at once; `specs` are (token, init word, where the word came from).
 
     Every init word is checked before any token is added, so a bad second concept leaves the
     tokenizer as it was.
     """
-    tokens = [t for t, _ in specs]
+    tokens = [t for t, _, _ in specs]
     repeated = sorted({t for t in tokens if tokens.count(t) > 1})
     if repeated:
         raise CompinvError(f"token {repeated[0]!r} is given to several concepts; give each its own")
-    init_ids = [single_token_id(tokenizer, word, f"init word of {token!r}") for token, word in specs]
+    init_ids = [single_token_id(tokenizer, word, where) for _, word, where in specs]
     return [add_concept_token(tokenizer, text_encoder, token, num_vectors, init_id)
-            for (token, _), init_id in zip(specs, init_ids)]
+            for (token, _, _), init_id in zip(specs, init_ids)]
 
 
 def expand_concepts(prompt: str, concepts: list[ConceptToken]) -> str:
@@ -125,6 +126,13 @@ class TrainableRows:
         """Put back every row that is not a concept's."""
         frozen = self._frozen.to(self.table.device)
         self.table[frozen] = self._original.to(self.table.device)[frozen]
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradient of every row that is not a concept's, so that gradient clipping
+        measures only what is trained (as the official Custom Diffusion/DreamBooth scripts do)."""
+        if self.table.grad is not None:
+            self.table.grad[self._frozen.to(self.table.device)] = 0
 
     def vectors(self, concept: ConceptToken) -> torch.Tensor:
         """A concept's vectors, [num_vectors, dim]."""

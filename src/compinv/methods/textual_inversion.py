@@ -1,36 +1,57 @@
 """Textual Inversion: learn only the new token's rows of the text encoder's embedding table.
 
-Differences from the official code (KNOWLEDGE.md §3.2): every one of the N vectors appears in
-every training prompt (`<tok> <tok>_1 … <tok>_{N-1} cat`), so all of them are trained and all
-of them are what diffusers' `load_textual_inversion` uses at inference. Every other row of the
-table is restored after each optimiser step, so it stays bit-identical to the base model's
+Differences from the official code (docs/official-code.md): every one of the N vectors appears
+in every training prompt (`<tok> <tok>_1 … <tok>_{N-1} cat`), so all of them are trained and
+all of them are what diffusers' `load_textual_inversion` uses at inference. Every other row of
+the table is restored after each optimiser step, so it stays bit-identical to the base model's
 (AdamW's weight decay would otherwise shrink all 49,408 rows).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel
+from safetensors.torch import load_file
 
-from compinv.artifacts import EMBEDDINGS_FILE, output_folder, save_embeddings
-from compinv.config import TrainConfig
-from compinv.data import ConceptDataset, load_images
-from compinv.models import load_pipeline
-from compinv.tokens import (ConceptToken, TrainableRows, add_concept_token, expand_prompt,
-                            single_token_id)
-from compinv.trainer import Trainer, TrainResult, find_checkpoint
+from compinv.artifacts import EMBEDDINGS_FILE, save_embeddings
+from compinv.config import (ConceptOptions, DataOptions, LossOptions, OptimizerOptions,
+                            RunOptions, resolve_common, single_concept)
+from compinv.data import TEMPLATE_SETS, DataRecipe, template_prompts
+from compinv.errors import CompinvError
+from compinv.methods.registry import ArtifactReader, Method
+from compinv.options import option
+from compinv.tokens import ConceptToken, TrainableRows, expand_concepts
+
+
+@dataclass
+class TrainConfig(ConceptOptions, LossOptions, OptimizerOptions, DataOptions, RunOptions):
+    """Settings of one Textual Inversion run with semantic inversion (official TI defaults)."""
+
+    no_class_word: bool = option(False, "train with vanilla prompts ('a photo of a <cute-cat>')")
+    templates: str = option("official", "prompt templates: the official code's 22 ('photo of a "
+                                        "{}', ...) or the original Textual Inversion list ('a photo "
+                                        "of a {}', ...)", choices=sorted(TEMPLATE_SETS))
+
+    def resolved(self) -> TrainConfig:
+        """The run's settings with derived values filled and every check done (once per run)."""
+        cfg = resolve_common(self)
+        if cfg.no_class_word:
+            cfg.class_word = None
+        if cfg.templates not in TEMPLATE_SETS:
+            raise CompinvError(f"`templates` {cfg.templates!r}: use one of {', '.join(TEMPLATE_SETS)}")
+        if cfg.anchor_weight > 0 and not (cfg.anchor_word or cfg.class_word or cfg.init_word):
+            raise CompinvError("`anchor_word` is required for semantic inversion (or `no_anchor` "
+                               "for vanilla Textual Inversion)")
+        return dataclasses.replace(cfg, concept_list=(single_concept(cfg),))
 
 
 class TextualInversion:
     """Trainable state of TI: the embedding table, of which only the concept's rows may change."""
 
-    name = "textual-inversion"
-    artifact_name = EMBEDDINGS_FILE
-    snapshot_dir = "embeddings"
-
-    def __init__(self, text_encoder: CLIPTextModel, concept: ConceptToken):
+    def __init__(self, text_encoder, concept: ConceptToken):
         self.text_encoder = text_encoder
         self.concept = concept
         self.modules = [text_encoder]
@@ -40,6 +61,9 @@ class TextualInversion:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self._rows.table]
 
+    def mask_gradients(self) -> None:
+        self._rows.mask_gradients()
+
     def after_step(self) -> None:
         self._rows.restore()
 
@@ -48,46 +72,53 @@ class TextualInversion:
         return self._rows.vectors(self.concept)
 
     def expand_prompt(self, prompt: str) -> str:
-        prompt = prompt.replace("{}", self.concept.token)
-        return expand_prompt(prompt, self.concept)
+        return expand_concepts(prompt.replace("{}", self.concept.token), [self.concept])
 
     def save(self, path: Path) -> Path:
         """diffusers' format, `{token: [N, dim]}`: `pipe.load_textual_inversion(path)` loads it."""
         return save_embeddings({self.concept.token: self.learned_vectors()}, path)
 
 
-def train_textual_inversion(config: TrainConfig) -> TrainResult:
-    """Learn `config.token` from `config.images`; returns where the embedding was written.
+def load_embedding_file(pipe, path: Path, run: Path) -> list[str]:
+    """One diffusers embedding file via `load_textual_inversion`, checked to have arrived
+    (the Textual Inversion reader; also each token file of the other methods).
 
-    Everything is checked before any model is loaded or file is written, so a bad input costs
-    seconds and leaves no half-made run folder behind.
+    Refuses to redefine a token already in the tokenizer (another run's, or a word of the model).
     """
-    with output_folder(config.resolved().out, "--out") as out:
-        return build_trainer(config, out).run()
+    data = load_file(str(path))
+    if len(data) != 1:
+        raise CompinvError(f"`runs` {run}: {path.name} holds {len(data)} tensors; expected one "
+                           "token's embedding")
+    (token, vectors), = data.items()
+    if token in pipe.tokenizer.get_vocab():
+        raise CompinvError(f"`runs` {run}: token {token!r} is already loaded (from another "
+                           "run or the model); train the concepts with different tokens")
+    pipe.load_textual_inversion(str(path))
+    names = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
+    ids = pipe.tokenizer.convert_tokens_to_ids(names)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    if not torch.equal(table[ids].cpu().float(), vectors.float()):
+        raise CompinvError(f"`runs` {run}: {token!r} did not load into the text encoder")
+    return [token]
 
 
-def build_trainer(config: TrainConfig, out: Path) -> Trainer:
-    """Load the model, add the token and set up the loop; `.run()` trains (benchmarks time `.step()`)."""
-    cfg = config.resolved()
-    resume_from = find_checkpoint(out, cfg.resume)
-    images = load_images(cfg.images)
-    pipe = load_pipeline(cfg.model)
-    tokenizer = pipe.tokenizer
-    init_id = single_token_id(tokenizer, cfg.init_word, _source(config, "init_word"))
-    anchor_id = (single_token_id(tokenizer, cfg.anchor_word, _source(config, "anchor_word"))
-                 if cfg.anchor_word else None)
-    concept = add_concept_token(tokenizer, pipe.text_encoder, cfg.token, cfg.num_vectors, init_id)
-    subject = concept.text + (f" {cfg.class_word}" if cfg.class_word else "")
-    dataset = ConceptDataset(images, cfg.resolution, subject, tokenizer, cfg.seed, concept.ids,
-                             anchor_id, center_crop=cfg.center_crop, flip_p=cfg.flip_p)
-    method = TextualInversion(pipe.text_encoder, concept)
-    return Trainer(cfg, pipe, dataset, method, out, resume_from)
+def token_files(folder: Path, weight_files: set[str]) -> list[Path]:
+    """The per-token embedding files of a Custom Diffusion or LoRA artifact folder."""
+    return sorted(p for p in folder.glob("*.safetensors") if p.name not in weight_files)
 
 
-def _source(given: TrainConfig, name: str) -> str:
-    """The flag a derived word came from, so an error names what the user actually typed."""
-    if getattr(given, name):
-        return "--" + name.replace("_", "-")
-    origin = "--class-word" if given.class_word and not given.no_class_word else (
-        "--anchor-word" if name == "init_word" else "--init-word")
-    return f"{origin} (the default {name.replace('_', ' ')})"
+def _build(cfg: TrainConfig, pipe, tokens: list[ConceptToken]) -> TextualInversion:
+    return TextualInversion(pipe.text_encoder, tokens[0])
+
+
+METHOD = Method(
+    name="textual-inversion",
+    short="TI",
+    help="Textual Inversion with semantic inversion",
+    config_class=TrainConfig,
+    recipe=lambda cfg: DataRecipe(prompts=template_prompts(TEMPLATE_SETS[cfg.templates])),
+    build=_build,
+    artifact_name=lambda cfg: EMBEDDINGS_FILE,
+    readers=(ArtifactReader("textual-inversion", ".", EMBEDDINGS_FILE, load_embedding_file),),
+    snapshot_dir="embeddings",
+)

@@ -16,17 +16,21 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from compinv.concepts import load_concepts
-from compinv.config import CustomDiffusionConfig, TrainConfig
-from compinv.methods.custom_diffusion import train_custom_diffusion
-from compinv.methods.textual_inversion import train_textual_inversion
+from compinv.methods import METHODS as REGISTRY
 from compinv.models import load_pipeline
 from compinv.pipeline import CompositionalStableDiffusionPipeline
 from compinv.toy.classifier import AttributeClassifier
 from compinv.toy.concepts import ToyConcept, render_concept, write_concepts
 from compinv.toy.metrics import CompositionPrompt, heldout_captions, score_compositions, score_generations
 from compinv.toy.world import IMAGE_SIZE, caption
+from compinv.training import train
 
-METHODS = ("textual-inversion", "custom-diffusion")
+METHODS = ("textual-inversion", "custom-diffusion")  # the registry's methods the toy study runs
+# What each method needs to fit the toy world: its captions read "a photo of a <thing> ...",
+# so TI uses the original Textual Inversion templates and CD the same plain prompt.
+TOY_SETTINGS = {"textual-inversion": {"flip_p": 0.0, "templates": "textual-inversion"},
+                "custom-diffusion": {"instance_prompt": "a photo of a {}"},
+                "dreambooth": {"instance_prompt": "a photo of a {}"}}
 STEPS = 25  # denoising steps and guidance scale at which the toy world is judged
 GUIDANCE_SCALE = 3.0
 
@@ -41,8 +45,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        short = {"textual-inversion": "TI", "custom-diffusion": "CD"}[self.method]
-        parts = [short] + (["semantic"] if self.semantic else []) + (["spatial"] if self.spatial else [])
+        parts = [REGISTRY[self.method].short] + (["semantic"] if self.semantic else []) + (["spatial"] if self.spatial else [])
         return " + ".join(parts)
 
     @property
@@ -62,8 +65,13 @@ class TrainingBudget:
 
     ti_steps: int = 300
     cd_steps: int = 150
+    db_steps: int = 150
     batch_size: int = 4
     seed: int = 0
+
+    def steps(self, method: str) -> int:
+        return {"textual-inversion": self.ti_steps, "custom-diffusion": self.cd_steps,
+                "dreambooth": self.db_steps}[method]
 
 
 def token_of(concept: ToyConcept) -> str:
@@ -77,15 +85,13 @@ def learn_concept(model: Path, concept: ToyConcept, images: Path, method: str, s
     The class word initialises the token and is its anchor, but stays out of the prompts
     ("a photo of a <concept>"), as in the paper's compositions.
     """
-    common = dict(model=str(model), images=str(images), token=token_of(concept),
-                  init_word=concept.class_word, anchor_word=concept.class_word, resolution=IMAGE_SIZE,
-                  batch_size=budget.batch_size, grad_accum=1, seed=budget.seed, out=str(out),
-                  checkpoint_every=0, save_every=0, validation_every=0, no_anchor=not semantic)
-    if method == "textual-inversion":
-        train_textual_inversion(TrainConfig(steps=budget.ti_steps, flip_p=0.0, **common))
-    else:
-        train_custom_diffusion(CustomDiffusionConfig(steps=budget.cd_steps, instance_prompt="a photo of a {}",
-                                                     **common))
+    config_class = REGISTRY[method].config_class
+    train(config_class(
+        model=str(model), images=str(images), token=token_of(concept), init_word=concept.class_word,
+        anchor_word=concept.class_word, resolution=IMAGE_SIZE, batch_size=budget.batch_size,
+        grad_accum=1, seed=budget.seed, out=str(out), checkpoint_every=0, save_every=0,
+        validation_every=0, no_anchor=not semantic, steps=budget.steps(method),
+        **TOY_SETTINGS[method]))
     return out
 
 

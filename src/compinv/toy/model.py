@@ -48,7 +48,7 @@ from compinv.artifacts import (
     optimizer_tensors,
     save_tensors,
 )
-from compinv.data import OBJECT_TEMPLATES
+from compinv.data import TEXTUAL_INVERSION_TEMPLATES as OBJECT_TEMPLATES
 from compinv.errors import CompinvError
 from compinv.models import CLIP_MAX_LENGTH, clip_tokenizer
 from compinv.toy.world import (
