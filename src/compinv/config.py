@@ -132,13 +132,11 @@ class ConceptOptions:
 
     images: str = option(None, "folder with the concept's images (3-20 photos are typical)")
     token: str = option(None, "the new word, e.g. '<cute-cat>'")
-    init_word: str = option(None, "one-token word whose embedding initialises the new vectors "
-                                   "(default: the class word, else the anchor word)")
-    class_word: str = option(None, "noun kept after the token in training prompts ('a photo of a "
-                                   "<cute-cat> cat'), as the official code does")
-    anchor_word: str = option(None, "one-token word the learned vectors are pulled toward "
-                                    "(default: the class word, else the init word)")
     num_vectors: int = option(1, "vectors per token (the official TI runs use 3)")
+    init_word: str = option(None, "one-token word initialising the vectors (default: class word)")
+    class_word: str = option(None, "noun kept after the token in prompts: 'photo of a <t> cat'")
+    anchor_word: str = option(None, "one-token word the vectors are pulled toward (default: "
+                                    "the class word, else the init word)")
     concept_list: tuple[ConceptSpec, ...] = option((), "the run's concepts, filled by resolved()",
                                                    internal=True)
 

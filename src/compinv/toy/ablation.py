@@ -29,8 +29,7 @@ METHODS = ("textual-inversion", "custom-diffusion")  # the registry's methods th
 # What each method needs to fit the toy world: its captions read "a photo of a <thing> ...",
 # so TI uses the original Textual Inversion templates and CD the same plain prompt.
 TOY_SETTINGS = {"textual-inversion": {"flip_p": 0.0, "templates": "textual-inversion"},
-                "custom-diffusion": {"instance_prompt": "a photo of a {}"},
-                "dreambooth": {"instance_prompt": "a photo of a {}"}}
+                "custom-diffusion": {"instance_prompt": "a photo of a {}"}}
 STEPS = 25  # denoising steps and guidance scale at which the toy world is judged
 GUIDANCE_SCALE = 3.0
 
@@ -61,17 +60,17 @@ def variants(methods: tuple[str, ...] = METHODS) -> list[Variant]:
 
 @dataclass(frozen=True)
 class TrainingBudget:
-    """Settings of the toy concept runs; the same for every variant of a method."""
+    """Settings of the toy concept runs; the same for every variant of a method, so that
+    variants differ only in what the paper changes."""
 
     ti_steps: int = 300
     cd_steps: int = 150
-    db_steps: int = 150
     batch_size: int = 4
     seed: int = 0
 
     def steps(self, method: str) -> int:
-        return {"textual-inversion": self.ti_steps, "custom-diffusion": self.cd_steps,
-                "dreambooth": self.db_steps}[method]
+        """The budget of `method` (one of `METHODS`)."""
+        return self.ti_steps if method == "textual-inversion" else self.cd_steps
 
 
 def token_of(concept: ToyConcept) -> str:
