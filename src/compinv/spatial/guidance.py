@@ -1,6 +1,7 @@
-"""Layout guidance: the cross-attention loss and the latent update (KNOWLEDGE.md §2).
+"""Layout guidance: the cross-attention loss and the latent update.
 
-Same algorithm and constants as the official code (after Chen et al. 2023): for each concept,
+Same algorithm and constants as the official code (after Chen et al. 2023; see "Layout guidance"
+in docs/official-code.md): for each concept,
 token and attention map, act = sum(A_t * M) / sum(A_t) and the loss is (1 - act)^2, averaged
 over heads and tokens, summed over concepts and maps, divided by (#concepts x #maps). On each
 guided step: while loss > threshold and fewer than max iterations, z <- z - grad(scale * loss)

@@ -1,4 +1,5 @@
-"""Layout-guidance settings: the official constants (KNOWLEDGE.md §2) as defaults.
+"""Layout-guidance settings: the official constants as defaults (docs/official-code.md,
+"Layout guidance").
 
 Kept free of torch imports: the CLI reads these defaults to build its flags, and
 `compinv --help` must stay instant.
