@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 from compinv.cli import main
 from compinv.config import GenerateConfig
+from compinv.errors import CompinvError
 from compinv.spatial.options import GuidanceConfig
 
 QUICK = ["--steps", "3", "--guided-steps", "2", "--max-iterations", "2", "--num-images", "1",
@@ -49,6 +52,7 @@ def test_generate_auto_layout(tiny_model, tmp_path):
     (["--layout", "auto"], "needs the phrases"),
     (["--box", "cat=0,0,1,1", "--guided-steps", "9"], "guided steps 9"),
     (["--save-attention"], "needs phrases"),
+    (["--box", "cat=0,0,1,1", "--scheduler", "lsm"], "use one of model, lms"),
 ])
 def test_bad_layout_flags_exit_nonzero_with_one_line(tiny_model, tmp_path, capsys, flags, message):
     out = tmp_path / "bad"
@@ -63,3 +67,17 @@ def test_cli_guidance_defaults_are_the_official_constants():
     cfg = GenerateConfig()
     assert cfg.guidance() == GuidanceConfig() == GuidanceConfig(30.0, 0.2, 5, 10, None, "all")
     assert cfg.scheduler == "lms"
+
+
+def test_unknown_scheduler_is_refused_before_any_model_loads(tmp_path):
+    cfg = GenerateConfig(model=str(tmp_path / "no-model"), prompt="a cat", out=str(tmp_path / "o"),
+                         scheduler="lsm")
+    with pytest.raises(CompinvError, match="--scheduler 'lsm': use one of model, lms, ddim"):
+        cfg.resolved()
+
+
+def test_config_module_stays_torch_free():
+    """`compinv --help` builds its flags from compinv.config, so importing it must not load torch."""
+    code = "import sys, compinv.config; print(sorted(m for m in sys.modules if m.startswith('torch')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

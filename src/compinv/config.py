@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from compinv.errors import CompinvError
-from compinv.spatial.options import SCHEDULER_CLASSES, GuidanceConfig
+from compinv.spatial.options import GuidanceConfig
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -326,8 +326,9 @@ class GenerateConfig:
     width: int = option(None, "image width in pixels (default: the model's)")
     seed: int = option(8888, "random seed; image i uses seed + i, so any image can be remade alone")
     out: str = option(None, "folder for the PNGs and generation.json")
-    scheduler: str = option("lms", "denoising scheduler ('model': the one saved with the model; "
-                                   "lms: the official code's)", choices=["model", *SCHEDULER_CLASSES])
+    scheduler: str = option("lms", "denoising scheduler, e.g. lms (the official code's), ddim, "
+                                   "euler-a; 'model': the one saved with the model; an unknown "
+                                   "name lists the valid ones")
     box: list[str] = option([], "layout guidance: 'PHRASE=x0,y0,x1,y1' puts PHRASE of the prompt "
                                 "in that box (fractions of width/height; several boxes: "
                                 "'PHRASE=BOX+BOX'); repeatable", action="append")
@@ -350,9 +351,13 @@ class GenerateConfig:
                                          "code does by accident (for comparisons)")
 
     def resolved(self) -> GenerateConfig:
+        """Check every flag before any model loads."""
+        from compinv.pipeline import check_scheduler_name  # lazy: this module stays torch-free
+
         for name in ("model", "prompt", "out"):
             if not getattr(self, name):
                 raise CompinvError(f"--{name.replace('_', '-')} is required")
+        check_scheduler_name(self.scheduler)
         if self.num_images < 1 or self.steps < 1:
             raise CompinvError("--num-images and --steps must be >= 1")
         if self.box and self.layout:

@@ -25,15 +25,31 @@ from compinv.errors import CompinvError
 from compinv.spatial.attention import AttentionRecorder, cross_attention_layers, recording
 from compinv.spatial.guidance import Target, check_scheduler, guide_step, map_grid
 from compinv.spatial.layout import Layout, LayoutLike, resolve_layout
-from compinv.spatial.options import SCHEDULER_CLASSES, GuidanceConfig
+from compinv.spatial.options import GuidanceConfig
 from compinv.spatial.phrases import phrase_positions
+
+# `--scheduler` names -> diffusers classes; "model" keeps the scheduler saved with the model.
+SCHEDULER_CLASSES = {
+    "lms": "LMSDiscreteScheduler",  # the official code's guided runs
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
+
+
+def check_scheduler_name(name: str) -> None:
+    """Refuse an unknown `--scheduler` name, listing the valid ones (also before any model loads)."""
+    if name != "model" and name not in SCHEDULER_CLASSES:
+        raise CompinvError(f"--scheduler {name!r}: use one of model, {', '.join(SCHEDULER_CLASSES)}")
+
 
 def use_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
     """Swap in scheduler `name` built from the model's scheduler config ("model": keep it)."""
+    check_scheduler_name(name)
     if name == "model":
         return
-    if name not in SCHEDULER_CLASSES:
-        raise CompinvError(f"--scheduler {name!r}: use one of model, {', '.join(SCHEDULER_CLASSES)}")
     pipe.scheduler = getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(pipe.scheduler.config)
 
 

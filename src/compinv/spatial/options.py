@@ -12,15 +12,6 @@ from dataclasses import dataclass
 from compinv.errors import CompinvError
 
 HEAD_MODES = ("all", "official")
-# `--scheduler` names -> diffusers classes; "model" keeps the scheduler saved with the model.
-SCHEDULER_CLASSES = {
-    "lms": "LMSDiscreteScheduler",  # the official code's guided runs
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-}
 
 
 @dataclass(frozen=True)
