@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from compinv.errors import CompinvError
-from compinv.spatial.options import GuidanceConfig
+from compinv.spatial.options import STOP_RULES, GuidanceConfig
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -343,6 +343,10 @@ class GenerateConfig:
                                                                    "the unscaled loss is this low")
     max_iterations: int = option(GuidanceConfig.max_iterations, "guidance iterations per guided step")
     guided_steps: int = option(GuidanceConfig.guided_steps, "guide the first N denoising steps")
+    guidance_stop: str = option(GuidanceConfig.stop_rule, "official: the first step whose loss "
+                                "meets --loss-threshold is the last one guided (the official "
+                                "code); per-step: every guided step iterates again",
+                                choices=list(STOP_RULES))
     attention_block: list[str] = option([], "diffusers block whose cross-attention the loss reads, "
                                             "e.g. mid_block, up_blocks.1; repeatable (default: the "
                                             "mid block and the first up block with cross-attention)",
@@ -381,7 +385,7 @@ class GenerateConfig:
             loss_scale=self.loss_scale, loss_threshold=self.loss_threshold,
             max_iterations=self.max_iterations, guided_steps=self.guided_steps,
             attention_blocks=tuple(self.attention_block) or None,
-            heads="official" if self.official_heads else "all")
+            heads="official" if self.official_heads else "all", stop_rule=self.guidance_stop)
 
 
 def _flag(name: str) -> str:
