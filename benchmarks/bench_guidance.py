@@ -6,7 +6,9 @@ iteration runs the whole UNet as the official code does; its latents must match 
 (a) one guidance iteration in units of one plain classifier-free-guidance step (UNet on the
     batch of 2), medians of interleaved repetitions in one process; target <= 1.0;
 (b) guided / plain wall time of a whole 50-step generation, worst case (threshold 0: every
-    allowed iteration runs, 5 x 10) and early stop (threshold 1: one iteration per guided step);
+    allowed iteration runs, 5 x 10, under either stopping rule) and early stop (threshold 1, met
+    by the first iteration) under each stopping rule: official (that first step is the only one
+    guided) and per-step (one iteration in each of the 10 guided steps);
 (c) peak memory: each end-to-end variant runs in a fresh subprocess that samples its resident
     set size (/proc/self/statm) every 2 ms; we report the peak above the RSS after the model
     was built (tracemalloc does not see torch's CPU allocations).
@@ -38,11 +40,12 @@ from compinv.versions import library_versions
 
 RESULTS = Path(__file__).parent / "results" / "guidance.json"
 PROMPT, PHRASES = "a cat and a backpack", ["cat", "backpack"]
-VARIANTS = {  # name -> (guidance threshold, full UNet per iteration); None: no layout
+VARIANTS = {  # name -> (guidance threshold, stop rule, full UNet per iteration); None: no layout
     "plain": None,
-    "guided_worst": (0.0, False),
-    "guided_early": (1.0, False),
-    "reference_worst": (0.0, True),
+    "guided_worst": (0.0, "official", False),
+    "guided_early_official": (1.0, "official", False),
+    "guided_early_per_step": (1.0, "per-step", False),
+    "reference_worst": (0.0, "official", True),
 }
 
 
@@ -71,10 +74,11 @@ def _rss_bytes() -> int:
 def run_variant(size: str, variant: str, steps: int) -> dict:
     """One end-to-end generation in this (fresh) process: wall time and peak RSS increment."""
     setting = VARIANTS[variant]
-    pipe = _pipeline(size, reference=bool(setting and setting[1]))
+    pipe = _pipeline(size, reference=bool(setting and setting[2]))
     kwargs = {}
     if setting is not None:
-        kwargs = dict(layout="auto", phrases=PHRASES, guidance=GuidanceConfig(loss_threshold=setting[0]))
+        guidance = GuidanceConfig(loss_threshold=setting[0], stop_rule=setting[1])
+        kwargs = dict(layout="auto", phrases=PHRASES, guidance=guidance)
     baseline, peak, done = _rss_bytes(), [0], threading.Event()
 
     def sample():
@@ -91,7 +95,8 @@ def run_variant(size: str, variant: str, steps: int) -> dict:
     done.set()
     sampler.join()
     losses = getattr(out, "guidance_losses", None)
-    return {"seconds": seconds, "peak_rss_increase_mb": max(peak[0] - baseline, 0) / 2**20,
+    return {"seconds": seconds, "stop_rule": setting[1] if setting else None,
+            "peak_rss_increase_mb": max(peak[0] - baseline, 0) / 2**20,
             "guidance_iterations": sum(map(len, losses)) if losses else 0,
             "losses": [v for step in losses or [] for v in step]}
 
@@ -162,13 +167,13 @@ def bench_size(size: str, steps: int, reps: int, threads: int) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-    rows = ["| model | variant | guidance iterations | seconds | x plain time | peak RSS +MB | x plain memory |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | variant | stop rule | guidance iterations | seconds | x plain time | peak RSS +MB "
+            "| x plain memory |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for v, run in r["runs"].items():
             mem = r["memory_ratio"][v]
-            rows.append(f"| {r['size']} | {v} | {run['guidance_iterations']} | {run['seconds']:.2f} | "
-                        f"{r['time_ratio'][v]:.2f} | {run['peak_rss_increase_mb']:.0f} | "
+            rows.append(f"| {r['size']} | {v} | {run['stop_rule'] or '-'} | {run['guidance_iterations']} | "
+                        f"{run['seconds']:.2f} | {r['time_ratio'][v]:.2f} | {run['peak_rss_increase_mb']:.0f} | "
                         + (f"{mem:.2f} |" if mem is not None else "n/a |"))
     rows.append("")
     rows.append("| model | CFG step ms | guidance iteration ms (x CFG step) | full-UNet iteration ms (x CFG step) |")

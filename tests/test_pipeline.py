@@ -72,6 +72,36 @@ def test_layout_guides_the_first_steps(pipe, scheduler):
     assert np.isfinite(out.images).all() and not np.array_equal(out.images, plain)
 
 
+def _guided(pipe, **guidance):
+    return pipe(PROMPT, generator=_seed(), layout=LAYOUT, guidance=GuidanceConfig(**guidance), **FAST)
+
+
+def test_official_rule_guides_no_step_after_the_first_that_meets_the_threshold(pipe):
+    use_scheduler(pipe, "lms")
+    settings = dict(guided_steps=3, max_iterations=2)
+    losses = _guided(pipe, **settings, loss_threshold=0.0).guidance_losses  # never met
+    threshold = losses[1][0]  # met by step 1's first iteration, not by step 0
+    assert [len(step) for step in losses] == [2, 2, 2] and min(losses[0]) > threshold
+    official = _guided(pipe, **settings, loss_threshold=threshold)  # the default rule
+    assert official.guidance_losses == [losses[0], [threshold]]  # step 2 is not guided
+    per_step = _guided(pipe, **settings, loss_threshold=threshold, stop_rule="per-step")
+    assert per_step.guidance_losses[:2] == official.guidance_losses
+    assert len(per_step.guidance_losses) == 3 and not np.array_equal(per_step.images, official.images)
+    two_steps = _guided(pipe, guided_steps=2, max_iterations=2, loss_threshold=threshold)
+    assert np.array_equal(official.images, two_steps.images)  # no hidden update after stopping
+
+
+def test_threshold_met_at_once_official_guides_one_step_per_step_rule_all(pipe):
+    use_scheduler(pipe, "lms")
+    settings = dict(guided_steps=3, max_iterations=2, loss_threshold=1.0)  # the loss is <= 1
+    official = _guided(pipe, **settings)
+    per_step = _guided(pipe, **settings, stop_rule="per-step")
+    assert [len(step) for step in official.guidance_losses] == [1]
+    assert [len(step) for step in per_step.guidance_losses] == [1, 1, 1]
+    assert per_step.guidance_losses[0] == official.guidance_losses[0]
+    assert np.array_equal(official.images, _guided(pipe, **{**settings, "guided_steps": 1}).images)
+
+
 def test_several_images_per_prompt(pipe):
     use_scheduler(pipe, "lms")
     out = pipe(PROMPT, generator=_seed(), layout=LAYOUT, guidance=LIGHT, num_images_per_prompt=2,

@@ -57,11 +57,13 @@ def test_noise_level_uses_sigmas_else_alphas():
         check_scheduler(ddim)
 
 
-def test_guided_steps_beyond_the_run_are_rejected():
+def test_bad_guidance_settings_are_rejected():
     with pytest.raises(CompinvError, match="guided steps 11"):
         GuidanceConfig(guided_steps=11).validated(10)
     with pytest.raises(CompinvError, match="heads"):
         GuidanceConfig(heads="some").validated(10)
+    with pytest.raises(CompinvError, match="stop rule 'never': use one of official, per-step"):
+        GuidanceConfig(stop_rule="never").validated(10)
 
 
 def test_guidance_lowers_the_attention_loss_on_the_tiny_model():
@@ -85,11 +87,12 @@ def test_guidance_lowers_the_attention_loss_on_the_tiny_model():
 
     with recording(pipe.unet, recorder):
         before = loss_at(latents)
-        guided, losses = guide_step(pipe.unet, scheduler, recorder, latents, 0, embeds, targets, config)
-        after = loss_at(guided)
-    assert len(losses) == 3 and losses[0] == pytest.approx(before)
-    assert after < before and losses == sorted(losses, reverse=True)
-    assert recorder.mode == "off" and not guided.requires_grad
+        step = guide_step(pipe.unet, scheduler, recorder, latents, 0, embeds, targets, config)
+        after = loss_at(step.latents)
+    assert len(step.losses) == 3 and step.losses[0] == pytest.approx(before)
+    assert after < before and step.losses == sorted(step.losses, reverse=True)
+    assert not step.converged  # threshold 0 is never met
+    assert recorder.mode == "off" and not step.latents.requires_grad
 
 
 def test_threshold_stops_guidance_early():
@@ -100,9 +103,35 @@ def test_threshold_stops_guidance_early():
     targets = [Target("x", (1,), ((0.0, 0.0, 1.0, 1.0),))]  # the whole image: loss 0
     recorder = AttentionRecorder(cross_attention_layers(pipe.unet, None))
     with recording(pipe.unet, recorder):
-        _, losses = guide_step(pipe.unet, scheduler, recorder, torch.randn(1, 4, 16, 16), 0,
-                               embeds, targets, GuidanceConfig())
-    assert len(losses) == 1 and losses[0] == pytest.approx(0.0, abs=1e-6)
+        step = guide_step(pipe.unet, scheduler, recorder, torch.randn(1, 4, 16, 16), 0,
+                          embeds, targets, GuidanceConfig())
+    assert len(step.losses) == 1 and step.losses[0] == pytest.approx(0.0, abs=1e-6)
+    assert step.converged
+
+
+def test_a_batch_converges_only_when_every_image_meets_the_threshold():
+    pipe = build_tiny_pipeline()
+    scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(20)
+    t = scheduler.timesteps[0]
+    with torch.no_grad():
+        embeds = pipe.encode_prompt("a cat and a red backpack", "cpu", 2, False)[0]
+    targets = [Target("cat", (2,), ((0.1, 0.2, 0.5, 0.8),)),
+               Target("backpack", (5, 6), ((0.6, 0.2, 0.95, 0.8),))]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents = latents * scheduler.init_noise_sigma
+    recorder = AttentionRecorder(cross_attention_layers(pipe.unet, None))
+    with recording(pipe.unet, recorder):
+        with torch.no_grad():
+            maps = guided_pass(pipe.unet, recorder, scheduler.scale_model_input(latents, t), t,
+                               embeds, None)
+        low, high = sorted(attention_loss(maps, targets, (16, 16)).tolist())
+        steps = {threshold: guide_step(pipe.unet, scheduler, recorder, latents, 0, embeds, targets,
+                                       GuidanceConfig(max_iterations=2, loss_threshold=threshold))
+                 for threshold in (low, high)}
+    assert low < high
+    assert not steps[low].converged and len(steps[low].losses) == 2  # one image is not enough
+    assert steps[high].converged and steps[high].losses == [pytest.approx((low + high) / 2)]
 
 
 def test_update_scale_is_the_official_sigma_squared_in_each_schedulers_space():

@@ -21,7 +21,7 @@ from typing import Any
 
 from compinv.errors import CompinvError
 from compinv.options import option, read_yaml
-from compinv.spatial.options import SCHEDULER_CLASSES, GuidanceConfig
+from compinv.spatial.options import STOP_RULES, GuidanceConfig
 
 
 @dataclass(frozen=True)
@@ -273,8 +273,9 @@ class GenerateConfig:
     width: int = option(None, "image width in pixels (default: the model's)")
     seed: int = option(8888, "random seed; image i uses seed + i, so any image can be remade alone")
     out: str = option(None, "folder for the PNGs and generation.json")
-    scheduler: str = option("lms", "denoising scheduler ('model': the one saved with the model; "
-                                   "lms: the official code's)", choices=["model", *SCHEDULER_CLASSES])
+    scheduler: str = option("lms", "denoising scheduler, e.g. lms (the official code's), ddim, "
+                                   "euler-a; 'model': the one saved with the model; an unknown "
+                                   "name lists the valid ones")
     box: list[str] = option([], "layout guidance: 'PHRASE=x0,y0,x1,y1' puts PHRASE of the prompt "
                                 "in that box (fractions of width/height; several boxes: "
                                 "'PHRASE=BOX+BOX'); repeatable", action="append")
@@ -289,6 +290,10 @@ class GenerateConfig:
                                                                    "the unscaled loss is this low")
     max_iterations: int = option(GuidanceConfig.max_iterations, "guidance iterations per guided step")
     guided_steps: int = option(GuidanceConfig.guided_steps, "guide the first N denoising steps")
+    guidance_stop: str = option(GuidanceConfig.stop_rule, "official: the first step whose loss "
+                                "meets --loss-threshold is the last one guided (the official "
+                                "code); per-step: every guided step iterates again",
+                                choices=list(STOP_RULES))
     attention_block: list[str] = option([], "diffusers block whose cross-attention the loss reads, "
                                             "e.g. mid_block, up_blocks.1; repeatable (default: the "
                                             "mid block and the first up block with cross-attention)",
@@ -297,9 +302,13 @@ class GenerateConfig:
                                          "code does by accident (for comparisons)")
 
     def resolved(self) -> GenerateConfig:
+        """Check every flag before any model loads."""
+        from compinv.pipeline import check_scheduler_name  # lazy: this module stays torch-free
+
         for name in ("model", "prompt", "out"):
             if not getattr(self, name):
                 raise CompinvError(f"`{name}` is required")
+        check_scheduler_name(self.scheduler)
         if self.num_images < 1 or self.steps < 1:
             raise CompinvError("`num_images` and `steps` must be >= 1")
         if self.box and self.layout:
@@ -323,7 +332,7 @@ class GenerateConfig:
             loss_scale=self.loss_scale, loss_threshold=self.loss_threshold,
             max_iterations=self.max_iterations, guided_steps=self.guided_steps,
             attention_blocks=tuple(self.attention_block) or None,
-            heads="official" if self.official_heads else "all")
+            heads="official" if self.official_heads else "all", stop_rule=self.guidance_stop)
 
 
 def __getattr__(name: str) -> Any:

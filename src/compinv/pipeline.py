@@ -23,17 +23,33 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from compinv.errors import CompinvError
 from compinv.spatial.attention import AttentionRecorder, cross_attention_layers, recording
-from compinv.spatial.guidance import Target, check_scheduler, guide_step, map_grid
+from compinv.spatial.guidance import GuidedStep, Target, check_scheduler, guide_step, map_grid
 from compinv.spatial.layout import Layout, LayoutLike, resolve_layout
-from compinv.spatial.options import SCHEDULER_CLASSES, GuidanceConfig
+from compinv.spatial.options import GuidanceConfig
 from compinv.spatial.phrases import phrase_positions
+
+# `--scheduler` names -> diffusers classes; "model" keeps the scheduler saved with the model.
+SCHEDULER_CLASSES = {
+    "lms": "LMSDiscreteScheduler",  # the official code's guided runs
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
+
+
+def check_scheduler_name(name: str) -> None:
+    """Refuse an unknown `--scheduler` name, listing the valid ones (also before any model loads)."""
+    if name != "model" and name not in SCHEDULER_CLASSES:
+        raise CompinvError(f"`scheduler` {name!r}: use one of model, {', '.join(SCHEDULER_CLASSES)}")
+
 
 def use_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
     """Swap in scheduler `name` built from the model's scheduler config ("model": keep it)."""
+    check_scheduler_name(name)
     if name == "model":
         return
-    if name not in SCHEDULER_CLASSES:
-        raise CompinvError(f"--scheduler {name!r}: use one of model, {', '.join(SCHEDULER_CLASSES)}")
     pipe.scheduler = getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(pipe.scheduler.config)
 
 
@@ -41,9 +57,12 @@ def use_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
 class CompositionalPipelineOutput(StableDiffusionPipelineOutput):
     """`images` and `nsfw_content_detected` as in diffusers, plus what guidance did.
 
-    layout: the resolved layout [(phrase, boxes)]; guidance_losses: for each guided step, the
-    unscaled attention loss of each iteration (before its update); attention_maps: per phrase,
-    its cross-attention over the image, [batch, height, width] in [0, 1].
+    layout: the resolved layout [(phrase, boxes)]; guidance_losses: one entry per step that was
+    guided, in order, so entry k is denoising step k: the unscaled attention loss (mean over the
+    batch) of each iteration, before its update. Under the official stopping rule the list ends
+    with the first step whose last loss met the threshold, so it can be shorter than
+    `guided_steps`; attention_maps: per phrase, its cross-attention over the image,
+    [batch, height, width] in [0, 1].
     """
 
     layout: Layout | None = None
@@ -63,9 +82,18 @@ class _Session:
     heat_maps: bool
     image_size: tuple[int, int] = (0, 0)
     losses: list[list[float]] = field(default_factory=list)
+    stopped: bool = False
 
     def guides(self, step_index: int) -> bool:
-        return self.cond_embeds is not None and step_index < self.config.guided_steps
+        """Whether denoising step `step_index` gets guidance iterations."""
+        return (self.cond_embeds is not None and step_index < self.config.guided_steps
+                and not self.stopped)
+
+    def record(self, step: GuidedStep) -> None:
+        """Keep the step's losses; under the official rule a converged step is the last one
+        guided, because the official loop never recomputes a loss that met the threshold."""
+        self.losses.append(step.losses)
+        self.stopped = self.config.stop_rule == "official" and step.converged
 
 
 class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
@@ -162,11 +190,11 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
 
     def _guide(self, latents: torch.Tensor, step_index: int) -> torch.Tensor:
         session = self._session
-        latents, losses = guide_step(self.unet, self.scheduler, session.recorder, latents,
-                                     step_index, session.cond_embeds, session.targets,
-                                     session.config, session.cross_attention_kwargs)
-        session.losses.append(losses)
-        return latents
+        step = guide_step(self.unet, self.scheduler, session.recorder, latents, step_index,
+                          session.cond_embeds, session.targets, session.config,
+                          session.cross_attention_kwargs)
+        session.record(step)
+        return step.latents
 
     def _step_end_hook(self, user_callback):
         """A `callback_on_step_end` that runs the user's callback, then guides the next step."""

@@ -5,7 +5,8 @@ attn2 layers the loss reads we install a `RecordingProcessor` that wraps the pro
 there. While recording is off it calls that processor untouched (same numbers as without
 compinv); while on it runs the processor's explicit-softmax twin with the same weights (a
 Custom Diffusion processor keeps its own K/V) and hands the probabilities to the recorder.
-The official code forked diffusers' UNet and attention files for this (KNOWLEDGE.md §3.6).
+The official code forked diffusers' UNet and attention files for this (docs/official-code.md,
+"Bugs of the official code we do not repeat").
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""Layout guidance: the cross-attention loss and the latent update (KNOWLEDGE.md §2).
+"""Layout guidance: the cross-attention loss and the latent update.
 
-Same algorithm and constants as the official code (after Chen et al. 2023): for each concept,
+Same algorithm and constants as the official code (after Chen et al. 2023; see "Layout guidance"
+in docs/official-code.md): for each concept,
 token and attention map, act = sum(A_t * M) / sum(A_t) and the loss is (1 - act)^2, averaged
 over heads and tokens, summed over concepts and maps, divided by (#concepts x #maps). On each
 guided step: while loss > threshold and fewer than max iterations, z <- z - grad(scale * loss)
 * sigma_t^2 (in sigma-space latents; `update_scale` converts for variance-preserving
 schedulers). A guidance pass is conditional-only and stops the UNet right after the last map
-the loss reads.
+the loss reads. Whether a step that met the threshold also ends guidance for the later steps
+(the official rule) is the pipeline's decision (`GuidanceConfig.stop_rule`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -112,12 +115,25 @@ def guided_pass(unet, recorder: AttentionRecorder, model_input: torch.Tensor, ti
     return recorder.take()
 
 
+class GuidedStep(NamedTuple):
+    """What one guided denoising step did.
+
+    losses: each iteration's unscaled loss (mean over the batch), measured before its update.
+    converged: the last iteration's loss was at or below the threshold for every image, which
+    under the official stopping rule ends guidance for the rest of the run.
+    """
+
+    latents: torch.Tensor
+    losses: list[float]
+    converged: bool
+
+
 def guide_step(unet, scheduler, recorder: AttentionRecorder, latents: torch.Tensor,
                step_index: int, cond_embeds: torch.Tensor, targets: Sequence[Target],
                config: GuidanceConfig, cross_attention_kwargs: dict | None = None,
-               ) -> tuple[torch.Tensor, list[float]]:
-    """Guidance iterations of one denoising step; returns the new latents and each iteration's
-    unscaled loss (mean over the batch). No graph survives an iteration."""
+               ) -> GuidedStep:
+    """Guidance iterations of one denoising step, at least one, until every image's loss is at
+    most the threshold or `max_iterations` ran. No graph survives an iteration."""
     timestep = scheduler.timesteps[step_index]
     scale = update_scale(scheduler, step_index, timestep)
     losses = []
@@ -132,5 +148,5 @@ def guide_step(unet, scheduler, recorder: AttentionRecorder, latents: torch.Tens
         loss = loss.detach()
         losses.append(float(loss.mean()))
         if float(loss.max()) <= config.loss_threshold:
-            break
-    return latents, losses
+            return GuidedStep(latents, losses, True)
+    return GuidedStep(latents, losses, False)

@@ -1,4 +1,5 @@
-"""Layout-guidance settings: the official constants (KNOWLEDGE.md §2) as defaults.
+"""Layout-guidance settings: the official constants as defaults (docs/official-code.md,
+"Layout guidance").
 
 Kept free of torch imports: the CLI reads these defaults to build its flags, and
 `compinv --help` must stay instant.
@@ -11,15 +12,7 @@ from dataclasses import dataclass
 from compinv.errors import CompinvError
 
 HEAD_MODES = ("all", "official")
-# `--scheduler` names -> diffusers classes; "model" keeps the scheduler saved with the model.
-SCHEDULER_CLASSES = {
-    "lms": "LMSDiscreteScheduler",  # the official code's guided runs
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-}
+STOP_RULES = ("official", "per-step")
 
 
 @dataclass(frozen=True)
@@ -29,6 +22,11 @@ class GuidanceConfig:
     `attention_blocks=None` means the official choice: the UNet's mid block and its first up
     block with cross-attention. `heads="official"` keeps only the second half of each map's
     heads, reproducing a batch-chunk quirk of the official code (4 of 8 heads), for comparisons.
+
+    `stop_rule="official"` reproduces the official loop: its loss variable is set once before
+    the denoising loop and each guided step iterates `while loss > threshold`, so the first step
+    whose last loss meets the threshold is the last step guided at all. `"per-step"` restarts
+    every guided step with at least one iteration (more guidance, more cost).
     """
 
     loss_scale: float = 30.0
@@ -37,6 +35,7 @@ class GuidanceConfig:
     guided_steps: int = 10
     attention_blocks: tuple[str, ...] | None = None
     heads: str = "all"
+    stop_rule: str = "official"
 
     def validated(self, num_inference_steps: int) -> GuidanceConfig:
         """Reject settings that cannot work for a run of `num_inference_steps` steps."""
@@ -52,4 +51,7 @@ class GuidanceConfig:
                                f"{self.loss_threshold} >= 0")
         if self.heads not in HEAD_MODES:
             raise CompinvError(f"heads {self.heads!r}: use one of {', '.join(HEAD_MODES)}")
+        if self.stop_rule not in STOP_RULES:
+            raise CompinvError(f"stop rule {self.stop_rule!r}: use one of {', '.join(STOP_RULES)} "
+                               "(--guidance-stop)")
         return self

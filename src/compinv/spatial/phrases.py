@@ -1,10 +1,10 @@
 """Phrase -> token positions, through the tokenizer (not by splitting on spaces).
 
-The official code split prompts on spaces (KNOWLEDGE.md §3.1), which breaks on multi-token
-words ("teddybear"), punctuation and repeated words. We tokenize the prompt and each phrase
-with the pipeline's own tokenizer, after the same textual-inversion expansion the pipeline
-applies (`<cute-cat>` -> `<cute-cat> <cute-cat>_1 ...`), and look for the phrase's ids as a
-run of whole words in the prompt's ids.
+The official code split prompts on spaces (docs/official-code.md, "Bugs of the official code we
+do not repeat"), which breaks on multi-token words ("teddybear"), punctuation and repeated
+words. We tokenize the prompt and each phrase with the pipeline's own tokenizer, after the same
+textual-inversion expansion the pipeline applies (`<cute-cat>` -> `<cute-cat> <cute-cat>_1 ...`),
+and look for the phrase's ids as a run of whole words in the prompt's ids.
 """
 
 from __future__ import annotations
