@@ -84,7 +84,7 @@ def test_guidance_flags_change_which_steps_and_iterations_run(tiny_model, tmp_pa
 def test_unknown_scheduler_is_refused_before_any_model_loads(tmp_path):
     cfg = GenerateConfig(model=str(tmp_path / "no-model"), prompt="a cat", out=str(tmp_path / "o"),
                          scheduler="lsm")
-    with pytest.raises(CompinvError, match="--scheduler 'lsm': use one of model, lms, ddim"):
+    with pytest.raises(CompinvError, match="^scheduler 'lsm': use one of model, lms, ddim"):
         cfg.resolved()
 
 
