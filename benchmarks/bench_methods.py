@@ -9,13 +9,21 @@ carries a few per cent of noise, so the anchor's own operations are also timed a
 memory (both variants loaded) is the memory figure: a CPU has no per-allocation peak counter
 like CUDA's. Writes benchmarks/results/methods.json.
 
+With `--baseline REV` every child also runs on the code of git revision REV (its own copy of
+this script, in a temporary worktree), alternating which goes first, and each row gets the
+ratio of this tree's step time to REV's (`ratio_vs_baseline_*`): the check that a refactor
+made no method slower.
+
     python benchmarks/bench_methods.py [--sizes tiny mid] [--steps 24] [--methods ti cd db lora]
+                                       [--baseline REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -112,33 +120,79 @@ def bench_one(method: str, size: str, steps: int) -> dict:
     }
 
 
+def _child(script: Path, method: str, size: str, steps: int, src: Path | None = None) -> dict:
+    """One measurement in a fresh process (so peak memory is the method's own)."""
+    env = {**os.environ, "PYTHONPATH": str(src)} if src else None
+    done = subprocess.run([sys.executable, str(script), "--child", method, size, "--steps", str(steps)],
+                          capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def _baseline_tree(rev: str | None):
+    """A temporary git worktree of `rev` (None: no baseline)."""
+    if rev is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def _row(method: str, size: str, steps: int, baseline: Path | None, baseline_first: bool) -> dict:
+    """This tree's measurement, with the baseline's step times and the ratios when one is given."""
+    if baseline is None:
+        return _child(Path(__file__), method, size, steps)
+    before = after = None
+    for side in (("baseline", "current") if baseline_first else ("current", "baseline")):
+        if side == "current":
+            after = _child(Path(__file__), method, size, steps)
+        else:
+            before = _child(baseline / "benchmarks" / "bench_methods.py", method, size, steps,
+                            src=baseline / "src")
+    for key in ("no_anchor", "anchor"):
+        after[f"baseline_median_step_s_{key}"] = before[f"median_step_s_{key}"]
+        after[f"ratio_vs_baseline_{key}"] = after[f"median_step_s_{key}"] / before[f"median_step_s_{key}"]
+    return after
+
+
+def _print(r: dict) -> None:
+    versus = (f"{r['ratio_vs_baseline_no_anchor']:>8.3f}{r['ratio_vs_baseline_anchor']:>8.3f}"
+              if "ratio_vs_baseline_anchor" in r else "")
+    print(f"{r['method']:<5}{r['model']:<6}{r['resolution']:>5}"
+          f"{r['median_step_s_no_anchor']:>10.4f}{r['median_step_s_anchor']:>10.4f}"
+          f"{r['ratio_anchor_over_no_anchor']:>8.3f}{r['ratio_from_anchor_ops']:>8.4f}"
+          f"{r['peak_rss_mib_both_variants']:>9.0f} MiB{versus}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(RESOLUTION))
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--baseline", metavar="REV", help="also time git revision REV; report ratios")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(bench_one(args.child[0], args.child[1], args.steps)))
         return
     rows = []
-    for size in args.sizes:
-        for method in args.methods:  # a fresh process each, so peak memory is the method's own
-            done = subprocess.run([sys.executable, __file__, "--child", method, size, "--steps",
-                                   str(args.steps)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{r['method']:<5}{r['model']:<6}{r['resolution']:>5}"
-                  f"{r['median_step_s_no_anchor']:>10.4f}{r['median_step_s_anchor']:>10.4f}"
-                  f"{r['ratio_anchor_over_no_anchor']:>8.3f}{r['ratio_from_anchor_ops']:>8.4f}"
-                  f"{r['peak_rss_mib_both_variants']:>9.0f} MiB",
-                  flush=True)
+    with _baseline_tree(args.baseline) as baseline:
+        for size in args.sizes:
+            for i, method in enumerate(args.methods):
+                rows.append(_row(method, size, args.steps, baseline, baseline_first=i % 2 == 1))
+                _print(rows[-1])
     from compinv.artifacts import atomic_write_text
     from compinv.versions import library_versions
 
     atomic_write_text(RESULTS, json.dumps({"benchmark": "method_step_anchor_vs_no_anchor",
-                                   "target_ratio": 1.02, "results": rows,
+                                   "target_ratio": 1.02, "baseline": args.baseline,
+                                   "results": rows,
                                    "versions": library_versions()}, indent=2))
     print(f"wrote {RESULTS}")
 
