@@ -39,6 +39,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} image(s) and generation.json to {paths[0].parent}")
 
 
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from compinv.inspection import inspect_run
+
+    print(inspect_run(args.run, model=args.model, prompt=args.prompt, out=args.out,
+                      steps=args.steps, seeds=args.seeds,
+                      guidance_scale=args.guidance_scale).summary())
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from compinv.demo import QUICK, DemoSize, run_demo
 
@@ -72,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
     add_arguments(gen, GenerateConfig)
     gen.set_defaults(func=_cmd_generate)
+
+    inspect = sub.add_parser("inspect", help="will a learned concept compose? its vectors against "
+                                             "the vocabulary, and with --prompt its attention share",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    inspect.add_argument("run", help="out folder of a `compinv train` run")
+    inspect.add_argument("--model", help="base model (default: the run's, from its config.json)")
+    inspect.add_argument("--prompt", help="prompt to measure attention on; '{}' marks the concept, "
+                                          "e.g. 'a photo of {} and a backpack'")
+    inspect.add_argument("--out", help="folder for inspection.json and the pictures (default: RUN/inspect)")
+    inspect.add_argument("--steps", type=int, default=25, help="denoising steps")
+    inspect.add_argument("--seeds", type=int, default=2, help="images averaged over")
+    inspect.add_argument("--guidance-scale", type=float, default=7.5)
+    inspect.set_defaults(func=_cmd_inspect)
 
     demo = sub.add_parser("demo", help="learn a toy concept with and without compositional inversion "
                                        "on the shipped toy model; write an HTML report",

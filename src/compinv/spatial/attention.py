@@ -50,14 +50,17 @@ def _forward_order(name: str) -> tuple[int, ...]:
     return (stage, block, int(match.group(4)), int(match.group(5)))
 
 
-def cross_attention_layers(unet: UNet2DConditionModel, blocks: Sequence[str] | None) -> list[str]:
+def cross_attention_layers(unet: UNet2DConditionModel, blocks: Sequence[str] | str | None) -> list[str]:
     """attn2 processor names of the chosen blocks, in forward order.
 
     `blocks=None` is the official choice: the mid block and the first up block that has
-    cross-attention. Otherwise give diffusers block names such as "mid_block" or "up_blocks.1".
+    cross-attention; "all" is every block with cross-attention. Otherwise give diffusers block
+    names such as "mid_block" or "up_blocks.1".
     """
     layers = sorted((n for n in unet.attn_processors if _ATTN2.match(n)), key=_forward_order)
     available = list(dict.fromkeys(_block(n) for n in layers))
+    if blocks == "all":
+        blocks = available
     if blocks is None:
         first_up = next((b for b in available if b.startswith("up_blocks")), None)
         blocks = [b for b in ("mid_block", first_up) if b in available]
