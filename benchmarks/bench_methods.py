@@ -49,7 +49,13 @@ def _images(folder: Path, size: int) -> Path:
     return folder
 
 
-def _trainer(method: str, model: Path, images: Path, out: Path, resolution: int, anchor: bool):
+# The variants: no anchor loss, the official single class-word anchor, and the paper's sparse
+# attractor over 1,000 anchors (the words nearest the init word).
+VARIANTS = {"no_anchor": {"no_anchor": True}, "anchor": {},
+            "anchors_1000": {"anchor_vocabulary": "nearest:1000"}}
+
+
+def _trainer(method: str, model: Path, images: Path, out: Path, resolution: int, variant: str):
     """A ready Trainer of `method`; batch 2 for every method so the steps are comparable."""
     from compinv.methods import METHODS
     from compinv.training import prepare
@@ -57,7 +63,7 @@ def _trainer(method: str, model: Path, images: Path, out: Path, resolution: int,
     common = dict(model=str(model), images=str(images), token="<bench>", class_word="cat",
                   init_word="dog", steps=1000, batch_size=2, grad_accum=1, resolution=resolution,
                   out=str(out), checkpoint_every=0, save_every=0, validation_every=0,
-                  no_anchor=not anchor)
+                  **VARIANTS[variant])
     name = {"ti": "textual-inversion", "cd": "custom-diffusion"}.get(method, "dreambooth")
     if method in ("db", "lora"):
         common["lora"] = method == "lora"
@@ -67,24 +73,25 @@ def _trainer(method: str, model: Path, images: Path, out: Path, resolution: int,
 def _anchor_ops_s(trainer, reps: int = 20) -> float:
     """Seconds of what the anchor loss adds to one step, timed alone (no machine-load noise).
 
-    That is the anchor prompt's embedding lookup and the MSE with its backward into the prompt
-    embeddings; the embedding-table backward is shared with the reconstruction loss.
+    That is solving the attractor's weights, building the reference prompt and the MSE with its
+    backward into the prompt embeddings; the embedding-table backward is shared with the
+    reconstruction loss.
     """
     from compinv.semantic import anchor_loss, input_embeddings
 
     batch = trainer.dataset.batch([0, 1])
     encoder = trainer.method.text_encoder
+    table = encoder.get_input_embeddings().weight.detach()
     embedded = input_embeddings(encoder, batch.input_ids).detach().requires_grad_(True)
     start = time.perf_counter()
     for _ in range(reps):
-        with torch.no_grad():
-            anchor = input_embeddings(encoder, batch.anchor_ids)
-        anchor_loss(embedded, anchor).backward()
+        reference = trainer.attractor.reference(embedded, batch.input_ids, table)
+        anchor_loss(embedded, reference).backward()
     return (time.perf_counter() - start) / reps
 
 
 def bench_one(method: str, size: str, steps: int) -> dict:
-    """Runs in the child process: time both variants' steps, report the medians and peak RSS."""
+    """Runs in the child process: time the variants' steps, report the medians and peak RSS."""
     from compinv.models import save_tiny_model
 
     resolution = RESOLUTION[size]
@@ -92,8 +99,8 @@ def bench_one(method: str, size: str, steps: int) -> dict:
         tmp = Path(tmp)
         model = save_tiny_model(tmp / "model", size=size)
         images = _images(tmp / "images", resolution)
-        trainers = {name: _trainer(method, model, images, tmp / name, resolution, name == "anchor")
-                    for name in ("no_anchor", "anchor")}
+        trainers = {name: _trainer(method, model, images, tmp / name, resolution, name)
+                    for name in VARIANTS}
         times: dict[str, list[float]] = {name: [] for name in trainers}
         names = list(trainers)
         for i in range(steps + 2):
@@ -102,21 +109,26 @@ def bench_one(method: str, size: str, steps: int) -> dict:
                 trainers[name].step()
                 if i >= 2:  # the first steps pay for lazy initialisation
                     times[name].append(time.perf_counter() - start)
-        anchor_ops = _anchor_ops_s(trainers["anchor"])
+        anchor_ops = {name: _anchor_ops_s(trainers[name]) for name in ("anchor", "anchors_1000")}
     median = {name: statistics.median(t) for name, t in times.items()}
     # Each anchor step is paired with the no-anchor step next to it (same machine load), so the
     # median of the pairs' ratios is steadier on a shared CPU than the ratio of the medians.
-    paired = statistics.median(a / b for a, b in zip(times["anchor"], times["no_anchor"]))
+    paired = {name: statistics.median(a / b for a, b in zip(times[name], times["no_anchor"]))
+              for name in anchor_ops}
     return {
         "method": method, "model": size, "resolution": resolution, "batch_size": 2,
         "steps_timed": steps,
         "median_step_s_no_anchor": median["no_anchor"],
         "median_step_s_anchor": median["anchor"],
+        "median_step_s_anchors_1000": median["anchors_1000"],
         "ratio_of_medians": median["anchor"] / median["no_anchor"],
-        "ratio_anchor_over_no_anchor": paired,
-        "anchor_ops_s": anchor_ops,
-        "ratio_from_anchor_ops": 1 + anchor_ops / median["no_anchor"],
-        "peak_rss_mib_both_variants": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ratio_anchor_over_no_anchor": paired["anchor"],
+        "ratio_anchors_1000_over_no_anchor": paired["anchors_1000"],
+        "anchor_ops_s": anchor_ops["anchor"],
+        "anchor_ops_s_1000": anchor_ops["anchors_1000"],
+        "ratio_from_anchor_ops": 1 + anchor_ops["anchor"] / median["no_anchor"],
+        "ratio_from_anchor_ops_1000": 1 + anchor_ops["anchors_1000"] / median["no_anchor"],
+        "peak_rss_mib_all_variants": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -167,7 +179,9 @@ def _print(r: dict) -> None:
     print(f"{r['method']:<5}{r['model']:<6}{r['resolution']:>5}"
           f"{r['median_step_s_no_anchor']:>10.4f}{r['median_step_s_anchor']:>10.4f}"
           f"{r['ratio_anchor_over_no_anchor']:>8.3f}{r['ratio_from_anchor_ops']:>8.4f}"
-          f"{r['peak_rss_mib_both_variants']:>9.0f} MiB{versus}", flush=True)
+          f"{r.get('ratio_anchors_1000_over_no_anchor', float('nan')):>8.3f}"
+          f"{r.get('ratio_from_anchor_ops_1000', float('nan')):>8.4f}"
+          f"{r['peak_rss_mib_all_variants']:>9.0f} MiB{versus}", flush=True)
 
 
 def main() -> None:

@@ -121,7 +121,7 @@ def test_scale_augmentation_masks_the_canvas(tiny_model, images):
     from compinv.data import load_images
     from compinv.models import clip_tokenizer
 
-    concept = ConceptSamples(load_images(images[0]), ("photo of a cat",), (), None)
+    concept = ConceptSamples(load_images(images[0]), ("photo of a cat",), ())
     data = ConceptDataset([concept], 32, clip_tokenizer(), 0, 2, scale_aug=True)
     seen = set()
     for i in range(40):

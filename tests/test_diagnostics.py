@@ -97,3 +97,25 @@ def test_inspect_command_reports_a_run(tiny_model, concept_images, tmp_path, cap
     assert sum(s["share"] for s in record["attention_shares"]) == pytest.approx(1.0, abs=1e-5)
     for name in ("projection.png", "attention-0-cute-cat.png", "attention-1-backpack.png"):
         assert (run / "inspect" / name).is_file()
+
+
+def test_training_logs_the_diagnostics_at_each_validation(tiny_model, concept_images, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from compinv.training import train
+    from helpers import ti_config
+
+    result = train(ti_config(tiny_model, concept_images, tmp_path / "run", steps=2, num_vectors=2,
+                             validation_prompt=["a photo of {} and a dog"], validation_every=1,
+                             validation_steps=2, num_validation_images=1, report_to="tensorboard"))
+    log = next((result.out / "logs").rglob("events.out.tfevents.*"))
+    scalars = EventAccumulator(str(log)).Reload()
+    tags = set(scalars.Tags()["scalars"])
+    assert {"ood_score/<cute-cat>", "ood_score/<cute-cat>_1", "attention_share/prompt0/concept",
+            "attention_share/prompt0/padding"} <= tags
+    concept = [e.value for e in scalars.Scalars("attention_share/prompt0/concept")]
+    assert len(concept) == 2 and all(0 < v < 1 for v in concept)  # steps 1 and 2
+    record = json.loads((result.out / "config.json").read_text())
+    assert [r["name"] for r in record["embedding_report"]] == ["<cute-cat>", "<cute-cat>_1"]
+    # The validation grid holds the prompt with every vector once (diffusers expands the token).
+    assert (result.out / "validation" / "step-000002.png").is_file()

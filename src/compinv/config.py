@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,18 @@ class ConceptSpec:
     instance_prompt: str | None = None
     class_prompt: str | None = None
     class_images: str | None = None
+    anchor_words: tuple[str, ...] = ()
+    anchor_vocabulary: str | None = None
     where: str = "`token`"
 
     def resolved(self) -> ConceptSpec:
         """Fill the anchor/init words from each other and the class word."""
-        anchor = self.anchor_word or self.class_word or self.init_word
-        init = self.init_word or self.class_word or self.anchor_word
+        words = _word_list(self.anchor_words, self.where)
+        if words and self.anchor_word:
+            raise CompinvError(f"{self.where}: give one anchor word or a list of anchor words, not "
+                               "both (`anchor_words` replaces `anchor_word`)")
+        anchor = self.anchor_word or (words[0] if words else None) or self.class_word or self.init_word
+        init = self.init_word or self.class_word or anchor
         if init is None:
             raise CompinvError(f"{self.where}: needs class_word, init_word or anchor_word "
                                "(e.g. class_word: cat)")
@@ -54,7 +61,22 @@ class ConceptSpec:
                 and self.token not in self.instance_prompt.split():
             raise CompinvError(f"{self.where}: instance prompt {self.instance_prompt!r} must contain "
                                f"the token {self.token!r} or '{{}}'")
-        return dataclasses.replace(self, anchor_word=anchor, init_word=init)
+        return dataclasses.replace(self, anchor_word=anchor, init_word=init,
+                                   anchor_words=words or ((anchor,) if anchor else ()))
+
+
+def _word_list(words: str | Sequence[str] | None, where: str) -> tuple[str, ...]:
+    """Anchor words given as 'cat,kitten,pet' or a list; each stripped, none empty or repeated."""
+    if not words:
+        return ()
+    items = [w.strip() for w in (words.split(",") if isinstance(words, str) else words)]
+    if not all(items):
+        raise CompinvError(f"{where}: the anchor words {list(items)} hold an empty word; write "
+                           "them as 'cat,kitten,pet'")
+    repeated = sorted({w for w in items if items.count(w) > 1})
+    if repeated:
+        raise CompinvError(f"{where}: anchor word {repeated[0]!r} is given twice; list each once")
+    return tuple(items)
 
 
 CONCEPT_KEYS = tuple(f.name for f in dataclasses.fields(ConceptSpec) if f.name != "where")
@@ -124,6 +146,9 @@ class LossOptions:
     anchor_weight: float = option(0.95, "weight of the semantic anchor loss")
     recon_weight: float = option(0.05, "weight of the diffusion reconstruction loss")
     no_anchor: bool = option(False, "vanilla method: reconstruction weight 1, anchor 0")
+    anchor_sparsity: float = option(0.1, "lambda of the sparse attractor over several anchors: "
+                                         "the L1 weight on the anchor weights, in units of the "
+                                         "anchors' mean squared norm (0: non-negative least squares)")
 
 
 @dataclass
@@ -137,6 +162,11 @@ class ConceptOptions:
     class_word: str = option(None, "noun kept after the token in prompts: 'photo of a <t> cat'")
     anchor_word: str = option(None, "one-token word the vectors are pulled toward (default: "
                                     "the class word, else the init word)")
+    anchor_words: str = option(None, "several anchors, 'cat,kitten,pet' (a word of several "
+                                     "tokens counts as the mean of their rows); replaces "
+                                     "--anchor-word")
+    anchor_vocabulary: str = option(None, "more anchors: a file with one word per line, or "
+                                          "'nearest:K' for the K words nearest the init word")
     concept_list: tuple[ConceptSpec, ...] = option((), "the run's concepts, filled by resolved()",
                                                    internal=True)
 
@@ -175,7 +205,7 @@ def resolve_common(config: Any) -> Any:
     for name in _POSITIVE:
         if getattr(cfg, name) < 1:
             raise CompinvError(f"`{name}` {getattr(cfg, name)}: must be >= 1")
-    for name in ("anchor_weight", "recon_weight", "lr"):
+    for name in ("anchor_weight", "recon_weight", "lr", "anchor_sparsity"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
             raise CompinvError(f"`{name}` {value}: must be a finite number "
@@ -193,6 +223,8 @@ def single_concept(cfg: Any) -> ConceptSpec:
                            "is given (e.g. init_word cat)")
     return ConceptSpec(token=cfg.token, images=cfg.images, class_word=cfg.class_word,
                        anchor_word=cfg.anchor_word, init_word=cfg.init_word,
+                       anchor_words=_word_list(cfg.anchor_words, "`anchor_words`"),
+                       anchor_vocabulary=cfg.anchor_vocabulary,
                        instance_prompt=getattr(cfg, "instance_prompt", None),
                        class_prompt=getattr(cfg, "class_prompt", None),
                        class_images=getattr(cfg, "class_images", None)).resolved()
@@ -203,7 +235,8 @@ def concepts_of(cfg: Any) -> tuple[ConceptSpec, ...]:
     if not cfg.concepts:
         return (single_concept(cfg),)
     given = [n for n in ("images", "token", "class_word", "init_word", "anchor_word",
-                         "instance_prompt", "class_prompt", "class_images") if getattr(cfg, n)]
+                         "anchor_words", "anchor_vocabulary", "instance_prompt", "class_prompt",
+                         "class_images") if getattr(cfg, n)]
     if given:
         raise CompinvError(f"`concepts` replaces `{given[0]}`; put it in the concepts file or "
                            "drop `concepts`")
@@ -247,6 +280,8 @@ def _concept_entry(entry: Any, where: str) -> ConceptSpec:
     for key, value in entry.items():
         if key not in CONCEPT_KEYS:
             raise CompinvError(f"{where}: unknown key {key!r}; valid keys: {', '.join(CONCEPT_KEYS)}")
+        if key == "anchor_words" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            continue
         if value is not None and not isinstance(value, str):
             raise CompinvError(f"{where}: key {key!r} must be a string, got {value!r}")
     for key in ("token", "images"):

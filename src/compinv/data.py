@@ -118,7 +118,6 @@ class Batch:
 
     pixels: torch.Tensor
     input_ids: torch.Tensor
-    anchor_ids: torch.Tensor | None
     generators: list[torch.Generator]
     mask: torch.Tensor | None = None  # [B, 1, h, w] at latent size: where the loss counts
     is_prior: torch.Tensor | None = None  # [B] bool: class images of prior preservation
@@ -140,7 +139,6 @@ class ConceptSamples:
     images: list[Image.Image]
     prompts: tuple[str, ...]
     placeholder_ids: tuple[int, ...]
-    anchor_id: int | None
     class_images: list[Image.Image] = field(default_factory=list)
     class_captions: list[str] = field(default_factory=list)
 
@@ -167,10 +165,6 @@ class ConceptDataset:
                              for c in concepts]
         self.stream = [(c, i) for c, imgs in enumerate(self.pixels) for i in range(len(imgs))]
         self._ids: dict[str, torch.Tensor] = {}
-        pairs = [(p, c.anchor_id) for c in concepts if c.anchor_id is not None
-                 for p in c.placeholder_ids]
-        self._from = torch.tensor([p for p, _ in pairs], dtype=torch.long)
-        self._to = torch.tensor([a for _, a in pairs], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -251,14 +245,6 @@ class ConceptDataset:
         pixels = self._flipped(crop(self.class_pixels[c][k], self.resolution, self.center_crop, gen), gen)
         return pixels, self.tokenize(self.concepts[c].class_captions[k]), self._full_mask()
 
-    def anchor_ids_for(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Every placeholder id replaced by its own concept's anchor id (each concept its own word)."""
-        if not len(self._from):
-            return None
-        match = input_ids[..., None] == self._from
-        replaced = (match.long() * self._to).sum(-1)
-        return torch.where(match.any(-1), replaced, input_ids)
-
     def batch(self, indices: list[int]) -> Batch:
         samples = [self.sample(i) for i in indices]
         gens = [sample_generator(self.seed, i, salt=2) for i in indices]
@@ -267,8 +253,7 @@ class ConceptDataset:
             gens += [sample_generator(self.seed, i, salt=4) for i in indices]
         pixels, ids, masks = (torch.stack(x) for x in zip(*samples))
         is_prior = torch.arange(len(samples)) >= len(indices) if self.prior else None
-        return Batch(pixels=pixels, input_ids=ids, anchor_ids=self.anchor_ids_for(ids),
-                     generators=gens, mask=masks if self.masked else None, is_prior=is_prior)
+        return Batch(pixels=pixels, input_ids=ids, generators=gens, mask=masks if self.masked else None, is_prior=is_prior)
 
 
 def read_captions(class_prompt: str | None, count: int, where: str) -> list[str] | None:
@@ -377,25 +362,22 @@ class DataRecipe:
 
 def build_dataset(cfg, pipe, out: Path, material: list[ConceptMaterial],
                   recipe: DataRecipe) -> tuple[list, ConceptDataset]:
-    """Add every concept's token (anchored to its own word) and build the training data.
+    """Add every concept's token and build the training data.
 
     Missing class images are generated with the base model *before* the tokens are added, and
     cached under `out/class_images/`. Returns (concept tokens, dataset).
     """
-    from compinv.tokens import add_concept_tokens, single_token_id
+    from compinv.tokens import add_concept_tokens
 
     specs = cfg.concept_list
     tokenizer = pipe.tokenizer
-    anchors = [single_token_id(tokenizer, s.anchor_word, _argument(s, "anchor_word"))
-               if cfg.anchor_weight > 0 else None for s in specs]
     class_sets = [_class_set(cfg, pipe, out, spec, m) for spec, m in zip(specs, material)]
     tokens = add_concept_tokens(tokenizer, pipe.text_encoder,
                                 [(s.token, s.init_word, _argument(s, "init_word")) for s in specs],
                                 cfg.num_vectors)
     concepts = [ConceptSamples(images=m.photos, prompts=recipe.prompts(spec, tok.text),
-                               placeholder_ids=tok.ids, anchor_id=anchor,
-                               class_images=cls[0], class_captions=cls[1])
-                for spec, tok, anchor, m, cls in zip(specs, tokens, anchors, material, class_sets)]
+                               placeholder_ids=tok.ids, class_images=cls[0], class_captions=cls[1])
+                for spec, tok, m, cls in zip(specs, tokens, material, class_sets)]
     latent_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     prior = getattr(cfg, "prior_weight", 0.0) > 0
     dataset = ConceptDataset(concepts, cfg.resolution, tokenizer, cfg.seed, latent_factor,

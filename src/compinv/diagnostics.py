@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from compinv.spatial.attention import AttentionRecorder, cross_attention_layers, recording
+from compinv.tokens import is_whole_word
 
 # A vector is called out of distribution when its score (the larger of its two percentiles)
 # lies above this: fewer than 1 in 100 real words are that long or that isolated.
@@ -61,11 +62,6 @@ def _vocabulary(tokenizer, text_encoder) -> tuple[torch.Tensor, list[str]]:
     return table[ids], tokenizer.convert_ids_to_tokens(ids)
 
 
-def _is_word(token: str) -> bool:
-    """A whole alphabetic word ("cat</w>"), not a sub-word piece or a byte symbol."""
-    return token.endswith("</w>") and token[:-4].isascii() and token[:-4].isalpha()
-
-
 def word_rows(tokenizer, text_encoder, words: Sequence[str]) -> torch.Tensor:
     """[len(words), dim]: each word's input embedding, the mean of its tokens' rows when it is
     several tokens."""
@@ -86,28 +82,36 @@ def _percentile(value: float, population: torch.Tensor) -> float:
     return float((population <= value).float().mean() * 100)
 
 
+class VocabularyStats:
+    """The vocabulary's distributions a learned vector is compared with (computed once: the
+    nearest-neighbour distances of a row sample cost a few seconds on a CPU)."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.table, self.tokens = _vocabulary(tokenizer, text_encoder)
+        self.norms = self.table.norm(dim=1)
+        self.neighbour = _nearest_neighbour_distances(self.table)
+        self.readable = torch.tensor([is_whole_word(t) for t in self.tokens])
+        self.unit = torch.nn.functional.normalize(self.table, dim=1)
+
+    def report(self, name: str, v: torch.Tensor, top_k: int = 5) -> VectorReport:
+        v = v.detach().float().cpu()
+        nearest = float(torch.cdist(v[None], self.table).min())
+        cosine = (self.unit @ torch.nn.functional.normalize(v, dim=0)).masked_fill(~self.readable, -2)
+        return VectorReport(
+            name=name, norm=float(v.norm()), norm_percentile=_percentile(float(v.norm()), self.norms),
+            nearest_distance=nearest,
+            nearest_distance_percentile=_percentile(nearest, self.neighbour),
+            nearest_words=tuple(self.tokens[j][:-4] for j in cosine.topk(top_k).indices.tolist()))
+
+
 def embedding_report(tokenizer, text_encoder, vectors: dict[str, torch.Tensor],
-                     top_k: int = 5) -> list[VectorReport]:
+                     stats: VocabularyStats | None = None) -> list[VectorReport]:
     """A `VectorReport` for every row of every `{token: [N, dim]}` entry (diffusers' names:
     `<t>`, `<t>_1`, ...)."""
-    table, tokens = _vocabulary(tokenizer, text_encoder)
-    norms = table.norm(dim=1)
-    neighbour = _nearest_neighbour_distances(table)
-    readable = torch.tensor([_is_word(t) for t in tokens])
-    unit = torch.nn.functional.normalize(table, dim=1)
-    reports = []
-    for token, rows in vectors.items():
-        for i, v in enumerate(rows.detach().float().cpu().reshape(-1, table.shape[1])):
-            nearest = float(torch.cdist(v[None], table).min())
-            cosine = (unit @ torch.nn.functional.normalize(v, dim=0)).masked_fill(~readable, -2)
-            similar = cosine.topk(top_k).indices
-            reports.append(VectorReport(
-                name=token if i == 0 else f"{token}_{i}", norm=float(v.norm()),
-                norm_percentile=_percentile(float(v.norm()), norms),
-                nearest_distance=nearest,
-                nearest_distance_percentile=_percentile(nearest, neighbour),
-                nearest_words=tuple(tokens[j][:-4] for j in similar.tolist())))
-    return reports
+    stats = stats or VocabularyStats(tokenizer, text_encoder)
+    dim = stats.table.shape[1]
+    return [stats.report(token if i == 0 else f"{token}_{i}", v)
+            for token, rows in vectors.items() for i, v in enumerate(rows.reshape(-1, dim))]
 
 
 def projection_picture(tokenizer, text_encoder, vectors: dict[str, torch.Tensor],

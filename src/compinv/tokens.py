@@ -2,8 +2,9 @@
 
 We follow diffusers' naming so artifacts and prompts agree with `load_textual_inversion`:
 a concept `<cute-cat>` with N vectors is the tokens `<cute-cat>`, `<cute-cat>_1`, …,
-`<cute-cat>_{N-1}`, and a prompt mentions it by its first name only; `expand_prompt`
-writes all N names, exactly as diffusers' `maybe_convert_prompt` does at inference.
+`<cute-cat>_{N-1}`, and a prompt mentions it by its first name only: diffusers'
+`maybe_convert_prompt` writes all N names at inference, and training prompts hold them all
+(`ConceptToken.text`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class ConceptToken:
     def text(self) -> str:
         """All vector names, space separated: what a prompt must contain to use every vector."""
         return " ".join(self.names)
+
+
+def is_whole_word(token: str) -> bool:
+    """A vocabulary entry that is a whole alphabetic word ("cat</w>"), not a sub-word piece or
+    a byte symbol: what "a word of the vocabulary" means for anchors and nearest words."""
+    return token.endswith("</w>") and token[:-4].isascii() and token[:-4].isalpha()
 
 
 def vector_names(token: str, num_vectors: int) -> tuple[str, ...]:
@@ -74,14 +81,6 @@ def add_concept_token(
     return ConceptToken(token=token, names=names, ids=ids)
 
 
-def expand_prompt(prompt: str, concept: ConceptToken) -> str:
-    """Replace every mention of the concept by all of its vector names."""
-    if len(concept.names) == 1:
-        return prompt
-    words = [concept.text if w == concept.token else w for w in prompt.split(" ")]
-    return " ".join(words)
-
-
 def add_concept_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
                        specs: list[tuple[str, str, str]], num_vectors: int) -> list[ConceptToken]:
     """Add several concepts at once; `specs` are (token, init word, where the word came from).
@@ -96,13 +95,6 @@ def add_concept_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
     init_ids = [single_token_id(tokenizer, word, where) for _, word, where in specs]
     return [add_concept_token(tokenizer, text_encoder, token, num_vectors, init_id)
             for (token, _, _), init_id in zip(specs, init_ids)]
-
-
-def expand_concepts(prompt: str, concepts: list[ConceptToken]) -> str:
-    """`expand_prompt` for every concept of a run."""
-    for concept in concepts:
-        prompt = expand_prompt(prompt, concept)
-    return prompt
 
 
 class TrainableRows:

@@ -28,8 +28,10 @@ from compinv.data import Batch, ConceptDataset
 from compinv.errors import CompinvError
 from compinv.methods.registry import Method
 from compinv.losses import diffusion_target, reconstruction_terms, weighted_total
-from compinv.semantic import anchor_loss, captured_input_embeddings, input_embeddings
-from compinv.validation import validation_grid
+from compinv.semantic import AnchorAttractor, anchor_loss, captured_input_embeddings
+from compinv.diagnostics import VocabularyStats
+from compinv.tokens import ConceptToken
+from compinv.validation import concept_scalars, live_pipeline, validation_grid
 from compinv.versions import library_versions
 
 
@@ -42,7 +44,6 @@ class Trainable(Protocol):
     def parameters(self) -> list[torch.nn.Parameter]: ...
     def mask_gradients(self) -> None: ...  # zero gradients of what must not change, before clipping
     def after_step(self) -> None: ...  # constraints after each optimiser step (restore frozen rows)
-    def expand_prompt(self, prompt: str) -> str: ...  # a user prompt as the model needs it
     def save(self, path: Path) -> Path: ...  # write the artifact a user loads, atomically
 
 
@@ -94,8 +95,11 @@ class Trainer:
     """Runs `cfg.steps` optimisation steps of `trainable` on `dataset` with the frozen rest of `pipe`."""
 
     def __init__(self, cfg, method: Method, pipe: StableDiffusionPipeline, dataset: ConceptDataset,
-                 trainable: Trainable, out: Path, resume_from: Path | None):
+                 trainable: Trainable, tokens: list[ConceptToken], out: Path,
+                 resume_from: Path | None, attractor: AnchorAttractor | None = None):
         self.cfg, self.pipe, self.dataset, self.method, self.out = cfg, pipe, dataset, trainable, out
+        self.tokens, self.attractor = tokens, attractor
+        self._stats: VocabularyStats | None = None
         self.spec = method
         self.artifact_name = method.artifact_name(cfg)
         self.resume_from = resume_from
@@ -185,14 +189,13 @@ class Trainer:
 
     def _anchor_term(self, encoder, prompts: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The semantic anchor loss of the concept prompts (class prompts hold no concept)."""
-        if self.cfg.anchor_weight <= 0 or batch.anchor_ids is None:
+        if self.cfg.anchor_weight <= 0 or self.attractor is None:
             return torch.zeros((), device=prompts.device)
-        anchor_ids = batch.anchor_ids
+        ids = batch.input_ids
         if batch.is_prior is not None:
-            prompts, anchor_ids = prompts[~batch.is_prior.to(prompts.device)], anchor_ids[~batch.is_prior]
-        with torch.no_grad():
-            anchor = input_embeddings(encoder, anchor_ids.to(prompts.device))
-        return anchor_loss(prompts, anchor)
+            prompts, ids = prompts[~batch.is_prior.to(prompts.device)], ids[~batch.is_prior]
+        table = encoder.get_input_embeddings().weight.detach()
+        return anchor_loss(prompts, self.attractor.reference(prompts, ids, table))
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -211,7 +214,8 @@ class Trainer:
             self.global_step += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "prior" or v})
-            acc.log({**logs, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.global_step)
+            acc.log({**logs, "lr": self.lr_scheduler.get_last_lr()[0], **self._anchor_scalars()},
+                    step=self.global_step)
             self._periodic_outputs()
         bar.close()
         artifact = self._finish()
@@ -270,7 +274,7 @@ class Trainer:
         path = self.out / self.artifact_name
         if acc.is_main_process:
             self.method.save(path)
-            self._write_config(finished_step=self.global_step)
+            self._write_config(finished_step=self.global_step, **self._concept_record())
         if self.cfg.checkpoint_every:
             save_checkpoint(acc, self.out, self.global_step, self.cfg.checkpoints_total_limit)
         if self.cfg.validation_prompt:
@@ -296,23 +300,59 @@ class Trainer:
                   "versions": library_versions(), **extra}
         atomic_write_text(self.out / "config.json", json.dumps(record, indent=2, sort_keys=True))
 
+    def _anchor_scalars(self) -> dict[str, float]:
+        """The attractor's largest weights per vector, when a concept has several anchors."""
+        if self.attractor is None or all(len(n) == 1 for n in self.attractor.names):
+            return {}
+        scalars = {}
+        names = {i: n for t in self.tokens for i, n in zip(t.ids, t.names)}
+        for p, c in self.attractor.owners.items():
+            weights = self.attractor.weights.get(p)
+            for i in ([] if weights is None else weights.argsort(descending=True)[:3].tolist()):
+                scalars[f"anchor_weight/{names[p]}/{self.attractor.names[c][i]}"] = float(weights[i])
+        return scalars
+
+    def _vocabulary_stats(self) -> VocabularyStats:
+        if self._stats is None:
+            encoder = self.accelerator.unwrap_model(self.text_encoder)
+            self._stats = VocabularyStats(self.pipe.tokenizer, encoder)
+        return self._stats
+
+    def _concept_record(self) -> dict[str, Any]:
+        """For config.json: where each learned vector ended up, and its anchors' weights."""
+        table = self.accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight
+        stats = self._vocabulary_stats()
+        record = {"embedding_report": [stats.report(n, table[i]).as_dict()
+                                       for t in self.tokens for n, i in zip(t.names, t.ids)]}
+        if self.attractor is not None:
+            names = {i: n for t in self.tokens for i, n in zip(t.ids, t.names)}
+            self.attractor.solve(table.detach())
+            record["anchor_weights"] = self.attractor.summary(names)
+            record["anchors"] = {t.token: list(self.attractor.names[self.attractor.owners[t.ids[0]]])
+                                 for t in self.tokens}
+        return record
+
     def _validate(self) -> None:
-        """Images of the validation prompts with the current weights, as one grid per step."""
+        """Images of the validation prompts with the current weights, as one grid per step;
+        with TensorBoard, also the concept's diagnostics (out-of-distribution score, share of
+        cross-attention on each validation prompt)."""
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         if acc.is_main_process:
-            with acc.autocast():
-                grid = validation_grid(self.pipe, acc.unwrap_model(self.text_encoder),
-                                       cfg.validation_prompt, self.method.expand_prompt,
-                                       cfg.num_validation_images, cfg.validation_steps,
-                                       cfg.resolution, cfg.seed)
-            save_image(grid, self.out / "validation" / f"step-{self.global_step:06d}.png")
+            prompts = [p.replace("{}", self.tokens[0].token) for p in cfg.validation_prompt]
             tracker = _tensorboard(acc) if cfg.report_to == "tensorboard" else None
+            with acc.autocast(), live_pipeline(self.pipe, acc.unwrap_model(self.text_encoder)) as live:
+                grid = validation_grid(live, prompts, cfg.num_validation_images,
+                                       cfg.validation_steps, cfg.resolution, cfg.seed)
+                scalars = (concept_scalars(live, self._vocabulary_stats(), self.tokens, prompts,
+                                           cfg.validation_steps, cfg.seed) if tracker else {})
+            save_image(grid, self.out / "validation" / f"step-{self.global_step:06d}.png")
             if tracker is not None:
                 import numpy as np
 
                 tracker.writer.add_image("validation", np.asarray(grid), self.global_step,
                                          dataformats="HWC")
+                acc.log(scalars, step=self.global_step)
         acc.wait_for_everyone()
 
 

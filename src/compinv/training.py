@@ -13,6 +13,7 @@ from compinv.artifacts import find_checkpoint, output_folder
 from compinv.data import build_dataset, read_concept_material
 from compinv.methods import method_of
 from compinv.models import load_pipeline
+from compinv.semantic import build_attractor
 from compinv.trainer import Trainer, TrainResult
 
 
@@ -38,7 +39,9 @@ def prepare(cfg, out: Path | None = None) -> Trainer:
     pipe = load_pipeline(cfg.model)
     tokens, dataset = build_dataset(cfg, pipe, out, material, method.recipe(cfg))
     trainable = method.build(cfg, pipe, tokens)
-    return Trainer(cfg, method, pipe, dataset, trainable, out, resume_from)
+    attractor = (build_attractor(pipe.tokenizer, pipe.text_encoder, cfg.concept_list, tokens,
+                                 cfg.anchor_sparsity) if cfg.anchor_weight > 0 else None)
+    return Trainer(cfg, method, pipe, dataset, trainable, tokens, out, resume_from, attractor)
 
 
 # The per-method names of the first releases; each takes its own config class.

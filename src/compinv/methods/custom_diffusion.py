@@ -31,7 +31,7 @@ from compinv.errors import CompinvError
 from compinv.methods.registry import ArtifactReader, Method
 from compinv.methods.textual_inversion import load_embedding_file, token_files
 from compinv.options import option
-from compinv.tokens import ConceptToken, TrainableRows, expand_concepts
+from compinv.tokens import ConceptToken, TrainableRows
 
 log = logging.getLogger("compinv")
 
@@ -143,9 +143,6 @@ class CustomDiffusion:
 
     def after_step(self) -> None:
         self._rows.restore()
-
-    def expand_prompt(self, prompt: str) -> str:
-        return expand_concepts(prompt.replace("{}", self.concepts[0].token), self.concepts)
 
     def save(self, path: Path) -> Path:
         """The folder: diffusers' Custom Diffusion weights + one embedding file per token."""

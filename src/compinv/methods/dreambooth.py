@@ -27,7 +27,7 @@ from compinv.methods.custom_diffusion import save_token_embeddings
 from compinv.methods.registry import ArtifactReader, Method
 from compinv.methods.textual_inversion import load_embedding_file, token_files
 from compinv.options import option
-from compinv.tokens import ConceptToken, TrainableRows, expand_concepts
+from compinv.tokens import ConceptToken, TrainableRows
 
 log = logging.getLogger("compinv")
 
@@ -106,9 +106,6 @@ class DreamBooth:
         """Keep non-concept rows at the base model's unless the whole encoder is trained."""
         if not self.train_text_encoder:
             self._rows.restore()
-
-    def expand_prompt(self, prompt: str) -> str:
-        return expand_concepts(prompt.replace("{}", self.concepts[0].token), self.concepts)
 
     def save(self, path: Path) -> Path:
         with staged_folder(path) as staging:

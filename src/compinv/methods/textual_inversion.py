@@ -23,7 +23,7 @@ from compinv.data import TEMPLATE_SETS, DataRecipe, template_prompts
 from compinv.errors import CompinvError
 from compinv.methods.registry import ArtifactReader, Method
 from compinv.options import option
-from compinv.tokens import ConceptToken, TrainableRows, expand_concepts
+from compinv.tokens import ConceptToken, TrainableRows
 
 
 @dataclass
@@ -70,9 +70,6 @@ class TextualInversion:
     def learned_vectors(self) -> torch.Tensor:
         """The concept's vectors, [num_vectors, dim]."""
         return self._rows.vectors(self.concept)
-
-    def expand_prompt(self, prompt: str) -> str:
-        return expand_concepts(prompt.replace("{}", self.concept.token), [self.concept])
 
     def save(self, path: Path) -> Path:
         """diffusers' format, `{token: [N, dim]}`: `pipe.load_textual_inversion(path)` loads it."""
