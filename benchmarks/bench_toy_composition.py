@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from compinv.toy.ablation import (
+    ANCHOR_SETS,
     TrainingBudget,
     Variant,
     compose,
@@ -44,7 +45,8 @@ METHOD_NAMES = {"ti": "textual-inversion", "cd": "custom-diffusion"}
 BASE = "base model, class word"
 
 
-def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_seeds: int, budget: TrainingBudget) -> dict:
+def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_seeds: int,
+        budget: TrainingBudget, anchor_sets: tuple[str, ...] = ("class",)) -> dict:
     classifier = load_classifier()
     images_root = write_concept_images(work / "concepts")
     seeds = list(range(n_seeds))
@@ -56,14 +58,14 @@ def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_see
         texts = [p.text(concept.class_word) for p in prompts for _ in seeds]
         images = generate(base, texts, [s for _ in prompts for s in seeds])
         _add(scores, BASE, score_variant(classifier, images, concept, prompts, seeds))
-        runs: dict[tuple[str, bool], Path] = {}
-        for variant in variants(methods):
+        runs: dict[tuple[str, bool, str], Path] = {}
+        for variant in variants(methods, anchor_sets):
             if variant.training not in runs:
                 started = time.perf_counter()
                 runs[variant.training] = learn_concept(
                     model, concept, images_root / concept.name, variant.method, variant.semantic,
-                    work / concept.name / f"{variant.method}-{'semantic' if variant.semantic else 'vanilla'}",
-                    budget)
+                    work / concept.name / "-".join(map(str, variant.training)).replace(" ", ""),
+                    budget, variant.anchors)
                 _time(timings, f"train {variant.method}", started)
             started = time.perf_counter()
             pipe = pipeline_with_concept(model, runs[variant.training])
@@ -71,7 +73,7 @@ def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_see
             _time(timings, f"generate {variant.name}", started)
             _add(scores, variant.name, score_variant(classifier, images, concept, prompts, seeds))
             print(f"{concept.name}: {variant.name} done", flush=True)
-    return _summarise(scores, variants(methods), timings)
+    return _summarise(scores, variants(methods, anchor_sets), timings)
 
 
 def _add(scores: dict, name: str, new: dict[str, np.ndarray]) -> None:
@@ -120,11 +122,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ti", "cd"], choices=sorted(METHOD_NAMES))
     parser.add_argument("--ti-steps", type=int, default=TrainingBudget.ti_steps)
     parser.add_argument("--cd-steps", type=int, default=TrainingBudget.cd_steps)
+    parser.add_argument("--anchor-sets", nargs="+", default=["class"], choices=list(ANCHOR_SETS),
+                        help="anchors of the semantic rows (several: one row pair each)")
     args = parser.parse_args()
     budget = TrainingBudget(ti_steps=args.ti_steps, cd_steps=args.cd_steps)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
-        summary = run(Path(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods), args.prompts, args.seeds, budget)
+        summary = run(Path(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
+                      args.prompts, args.seeds, budget, tuple(args.anchor_sets))
     summary.update(prompts_per_concept=args.prompts, seeds=args.seeds, concepts=[c.name for c in CONCEPTS],
                    budget=asdict(budget), model=args.model,
                    total_minutes=round((time.perf_counter() - started) / 60, 1))

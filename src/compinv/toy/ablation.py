@@ -41,21 +41,33 @@ class Variant:
     method: str
     semantic: bool
     spatial: bool
+    anchors: str = "class"  # with semantic: one of ANCHOR_SETS
 
     @property
     def name(self) -> str:
-        parts = [REGISTRY[self.method].short] + (["semantic"] if self.semantic else []) + (["spatial"] if self.spatial else [])
+        semantic = "semantic" if self.anchors == "class" else f"semantic ({self.anchors})"
+        parts = [REGISTRY[self.method].short] + ([semantic] if self.semantic else []) + (["spatial"] if self.spatial else [])
         return " + ".join(parts)
 
     @property
-    def training(self) -> tuple[str, bool]:
+    def training(self) -> tuple[str, bool, str]:
         """Variants that differ only in spatial inversion share one trained concept."""
-        return self.method, self.semantic
+        return self.method, self.semantic, self.anchors
 
 
-def variants(methods: tuple[str, ...] = METHODS) -> list[Variant]:
-    return [Variant(m, semantic, spatial) for m in methods for semantic in (False, True)
-            for spatial in (False, True)]
+# The anchors of semantic variants: the official single class word, or the paper's sparse
+# attractor over the class word and the 10 words nearest it (at the default lambda, or at 0).
+ANCHOR_SETS = {"class": {},
+               "multi": {"anchor_vocabulary": "nearest:10"},
+               "multi-l0": {"anchor_vocabulary": "nearest:10", "anchor_sparsity": 0.0}}
+
+
+def variants(methods: tuple[str, ...] = METHODS, anchor_sets: tuple[str, ...] = ("class",)) -> list[Variant]:
+    rows = []
+    for m in methods:
+        for semantic, anchors in [(False, "class")] + [(True, a) for a in anchor_sets]:
+            rows += [Variant(m, semantic, spatial, anchors) for spatial in (False, True)]
+    return rows
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ def token_of(concept: ToyConcept) -> str:
 
 
 def learn_concept(model: Path, concept: ToyConcept, images: Path, method: str, semantic: bool,
-                  out: Path, budget: TrainingBudget = TrainingBudget()) -> Path:
+                  out: Path, budget: TrainingBudget = TrainingBudget(), anchors: str = "class") -> Path:
     """Train one toy concept; vanilla (`semantic=False`) drops the anchor loss, nothing else.
 
     The class word initialises the token and is its anchor, but stays out of the prompts
@@ -90,7 +102,7 @@ def learn_concept(model: Path, concept: ToyConcept, images: Path, method: str, s
         anchor_word=concept.class_word, resolution=IMAGE_SIZE, batch_size=budget.batch_size,
         grad_accum=1, seed=budget.seed, out=str(out), checkpoint_every=0, save_every=0,
         validation_every=0, no_anchor=not semantic, steps=budget.steps(method),
-        **TOY_SETTINGS[method]))
+        **TOY_SETTINGS[method], **ANCHOR_SETS[anchors]))
     return out
 
 
