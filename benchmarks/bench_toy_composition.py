@@ -124,19 +124,20 @@ def main() -> None:
     parser.add_argument("--cd-steps", type=int, default=TrainingBudget.cd_steps)
     parser.add_argument("--anchor-sets", nargs="+", default=["class"], choices=list(ANCHOR_SETS),
                         help="anchors of the semantic rows (several: one row pair each)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write")
     args = parser.parse_args()
     budget = TrainingBudget(ti_steps=args.ti_steps, cd_steps=args.cd_steps)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
         summary = run(Path(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
                       args.prompts, args.seeds, budget, tuple(args.anchor_sets))
-    summary.update(prompts_per_concept=args.prompts, seeds=args.seeds, concepts=[c.name for c in CONCEPTS],
+    summary.update(anchor_sets=args.anchor_sets, prompts_per_concept=args.prompts, seeds=args.seeds, concepts=[c.name for c in CONCEPTS],
                    budget=asdict(budget), model=args.model,
                    total_minutes=round((time.perf_counter() - started) / 60, 1))
     print(table(summary))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":
