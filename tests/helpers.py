@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+
+from compinv.cli import main
 
 from compinv.methods.textual_inversion import TrainConfig
 
@@ -21,3 +25,25 @@ def ti_config(model: Path, images: Path, out: Path, **overrides) -> TrainConfig:
 
 def learned(path: Path, token: str = "<cute-cat>") -> torch.Tensor:
     return load_file(str(path))[token]
+
+
+def write_concept_images(folder: Path, n: int = 3, size: int = 48, seed: int = 0) -> Path:
+    """Small RGB images of a red blob on noise: enough signal for a few training steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4, 0] = 220
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    return folder
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run the CLI on a bad input: exit code 2, exactly one `error:` line on stderr (libraries'
+    progress bars may also write there), no traceback. Returns that line."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]

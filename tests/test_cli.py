@@ -78,5 +78,14 @@ def test_demo_in_reduced_mode_writes_the_report(tmp_path, capsys):
 
 
 def test_toy_commands_are_wired(tmp_path):
-    assert main(["toy", "write-concepts", str(tmp_path / "concepts")]) == 0
-    assert json.loads((tmp_path / "concepts" / "concepts.json").read_text())
+    from compinv.toy.concepts import CONCEPTS
+
+    out = tmp_path / "concepts"
+    assert main(["toy", "write-concepts", str(out)]) == 0
+    index = json.loads((out / "concepts.json").read_text())["concepts"]
+    assert sorted(index) == sorted(c.name for c in CONCEPTS)
+    for name, entry in index.items():
+        assert {"name", "description", "class_word", "background", "colours"} <= set(entry)
+        pictures = sorted((out / name).glob("*.png"))
+        assert len(pictures) == 5
+        assert all(Image.open(p).convert("RGB").size == Image.open(pictures[0]).size for p in pictures)

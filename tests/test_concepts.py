@@ -14,7 +14,7 @@ from compinv.methods.custom_diffusion import CustomDiffusionConfig
 from compinv.methods.dreambooth import DreamBoothConfig
 from compinv.errors import CompinvError
 from compinv.training import train
-from helpers import ti_config
+from helpers import cli_error, ti_config
 
 FAST = dict(steps=1, resolution=32, checkpoint_every=0, save_every=0, validation_every=0, seed=1,
             lr=1e-2)
@@ -23,7 +23,7 @@ FAST = dict(steps=1, resolution=32, checkpoint_every=0, save_every=0, validation
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     """One finished run of each method, each with its own token."""
-    from conftest import write_concept_images
+    from helpers import write_concept_images
 
     tmp = tmp_path_factory.mktemp("runs")
     images = str(write_concept_images(tmp / "img"))
@@ -65,7 +65,16 @@ def test_several_runs_load_together(runs, tiny_model):
     pipe = _pipe(tiny_model)
     tokens = load_concepts(pipe, [runs["ti"], runs["cd"], runs["lora"], runs["db"]])
     assert sorted(tokens) == ["<c>", "<d>", "<l>", "<t>"]
-    assert _image(pipe, "<t> and <c> and <l> and <d>").isfinite().all()
+    # Every loaded token is live in the one text encoder: its row is the saved vector, and the
+    # image of a prompt with all four differs from the same prompt with plain words.
+    from safetensors.torch import load_file
+
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    saved = load_file(str(runs["ti"] / "learned_embeds.safetensors"))["<t>"]
+    assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<t>")], saved[0])
+    together = _image(pipe, "<t> and <c> and <l> and <d>")
+    assert not torch.allclose(together, _image(pipe, "cat and cat and cat and cat"))
+    assert torch.equal(together, _image(pipe, "<t> and <c> and <l> and <d>"))
 
 
 def test_runs_that_cannot_be_combined(runs, tiny_model):
@@ -96,13 +105,6 @@ def test_generate_with_concepts(runs, tiny_model, tmp_path, capsys, layout):
 
 
 # ---- bad input -----------------------------------------------------------------------------
-def _cli_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and err[-1].startswith("error: ")
-    return err[-1]
-
-
 def _cd_argv(tiny_model, out, *extra):
     return ["train", "custom-diffusion", "--model", str(tiny_model), "--steps", "1",
             "--resolution", "32", "--out", str(out), *extra]
@@ -123,7 +125,7 @@ def _cd_argv(tiny_model, out, *extra):
 def test_concepts_file_errors_name_entry_and_key(capsys, tiny_model, runs, tmp_path, content, expected):
     path = tmp_path / "concepts.yaml"
     path.write_text(content.replace("IMG", runs["images"]).replace("NOPE", str(tmp_path / "nope")))
-    msg = _cli_error(capsys, _cd_argv(tiny_model, tmp_path / "out", "--concepts", str(path)))
+    msg = cli_error(capsys, _cd_argv(tiny_model, tmp_path / "out", "--concepts", str(path)))
     assert expected in msg and str(path) in msg
     assert not (tmp_path / "out").exists()
 
@@ -131,7 +133,7 @@ def test_concepts_file_errors_name_entry_and_key(capsys, tiny_model, runs, tmp_p
 def test_class_images_folder_without_images(capsys, tiny_model, runs, tmp_path):
     (tmp_path / "classes").mkdir()
     (tmp_path / "classes" / "readme.txt").write_text("no pictures here")
-    msg = _cli_error(capsys, _cd_argv(tiny_model, tmp_path / "out", "--images", runs["images"],
+    msg = cli_error(capsys, _cd_argv(tiny_model, tmp_path / "out", "--images", runs["images"],
                                       "--token", "<a>", "--class-word", "cat", "--prior-weight", "1",
                                       "--class-images", str(tmp_path / "classes")))
     assert "--class-images" in msg and "readable image" in msg
@@ -140,14 +142,14 @@ def test_class_images_folder_without_images(capsys, tiny_model, runs, tmp_path):
 def test_concepts_file_with_flags_and_existing_token(capsys, tiny_model, runs, tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps([{"token": "<a>", "images": runs["images"], "class_word": "cat"}]))
-    msg = _cli_error(capsys, _cd_argv(tiny_model, tmp_path / "o", "--concepts", str(path),
+    msg = cli_error(capsys, _cd_argv(tiny_model, tmp_path / "o", "--concepts", str(path),
                                       "--token", "<x>"))
     assert "--concepts replaces --token" in msg
-    msg = _cli_error(capsys, ["train", "dreambooth", "--model", str(tiny_model), "--images",
+    msg = cli_error(capsys, ["train", "dreambooth", "--model", str(tiny_model), "--images",
                               runs["images"], "--token", "cat", "--class-word", "cat", "--out",
                               str(tmp_path / "o2")])
     assert "already in the tokenizer's vocabulary" in msg
-    msg = _cli_error(capsys, ["train", "dreambooth", "--model", str(tiny_model), "--images",
+    msg = cli_error(capsys, ["train", "dreambooth", "--model", str(tiny_model), "--images",
                               runs["images"], "--token", "<a>", "--class-word", "cat", "--lora",
                               "--train-text-encoder", "--out", str(tmp_path / "o3")])
     assert "--lora with --train-text-encoder" in msg

@@ -15,7 +15,7 @@ from compinv.training import train
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from conftest import write_concept_images
+    from helpers import write_concept_images
 
     root = tmp_path_factory.mktemp("img")
     return write_concept_images(root / "a", seed=0), write_concept_images(root / "b", seed=1)

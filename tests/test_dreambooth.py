@@ -14,7 +14,7 @@ from compinv.training import train
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from conftest import write_concept_images
+    from helpers import write_concept_images
 
     return write_concept_images(tmp_path_factory.mktemp("img") / "concept")
 
@@ -65,7 +65,7 @@ def test_saved_pipeline_reloads_with_matching_vocabulary(prior_run, tiny_model):
 
 
 def test_real_class_images_with_captions_and_text_encoder(tiny_model, images, tmp_path):
-    from conftest import write_concept_images
+    from helpers import write_concept_images
 
     classes = write_concept_images(tmp_path / "classes", n=2, seed=5)
     captions = tmp_path / "captions.txt"

@@ -33,9 +33,23 @@ def test_tiny_model_roundtrips_through_stock_diffusers(tiny_model):
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 
 
-def test_dimensions_come_from_configs():
-    pipe = build_tiny_pipeline("tiny")
-    assert pipe.text_encoder.get_input_embeddings().weight.shape == (49408, 32)
+@pytest.mark.parametrize("size", ["tiny", "mid"])
+def test_every_size_is_a_working_sd_pipeline(size):
+    """One embedding row per tokenizer entry, a UNet that reads the encoder's width, and an end
+    to end forward pass: what breaks if a size's configs disagree."""
+    import torch
+
+    pipe = build_tiny_pipeline(size)
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == len(pipe.tokenizer)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    ids = pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        latents = torch.zeros(1, pipe.unet.config.in_channels, 8, 8)
+        out = pipe.unet(latents, 10, hidden).sample
+    assert hidden.shape == (1, 77, pipe.text_encoder.config.hidden_size)
+    assert out.shape == latents.shape and torch.isfinite(out).all()
 
 
 def test_missing_local_model_says_what_to_do(tmp_path, monkeypatch):

@@ -13,8 +13,7 @@ from compinv.data import OFFICIAL_TEMPLATES, TEXTUAL_INVERSION_TEMPLATES
 from compinv.losses import reconstruction_terms
 from compinv.methods.custom_diffusion import CustomDiffusionConfig
 from compinv.training import prepare, train
-from conftest import write_concept_images
-from helpers import ti_config
+from helpers import ti_config, write_concept_images
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,14 @@ import sys
 import pytest
 
 import compinv
-from compinv.cli import build_parser, main
+from compinv.cli import build_parser
 from compinv.errors import CompinvError
 from compinv.methods import METHODS, method_of
 from compinv.methods.registry import Method
 from compinv.methods.textual_inversion import METHOD as TI
 from compinv.methods.textual_inversion import TrainConfig
 from compinv.options import flag_for, user_fields
-from helpers import ti_config
+from helpers import cli_error, ti_config
 
 
 def _train_subcommands(parser) -> dict:
@@ -85,10 +85,8 @@ def test_library_errors_name_python_arguments_and_the_cli_names_flags(tiny_model
         load_concepts(load_pipeline(str(tiny_model)), tmp_path)
     assert str(info.value).startswith(f"runs {tmp_path}: not a compinv run folder")
     assert "--concept" not in str(info.value)
-    code = main(["generate", "--model", str(tiny_model), "--concept", str(tmp_path), "--prompt",
-                 "a cat", "--out", str(tmp_path / "gen")])
-    assert code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"error: --concept {tmp_path}: not a compinv run folder")
+    line = cli_error(capsys, ["generate", "--model", str(tiny_model), "--concept", str(tmp_path),
+                              "--prompt", "a cat", "--out", str(tmp_path / "gen")])
+    assert line.startswith(f"error: --concept {tmp_path}: not a compinv run folder")
     with pytest.raises(CompinvError, match="^images is required$"):
         TrainConfig(model="m", out="o", token="<t>", class_word="cat").resolved()

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from compinv.cli import main
+from helpers import cli_error
 from compinv.config import GenerateConfig
 from compinv.errors import CompinvError
 
@@ -55,10 +56,9 @@ def test_generate_auto_layout(tiny_model, tmp_path):
 ])
 def test_bad_layout_flags_exit_nonzero_with_one_line(tiny_model, tmp_path, capsys, flags, message):
     out = tmp_path / "bad"
-    code = main(["generate", "--model", str(tiny_model), "--prompt", "a cat and a dog",
-                 "--out", str(out), *QUICK, *flags])
-    err = capsys.readouterr().err
-    assert code != 0 and message in err and "Traceback" not in err
+    line = cli_error(capsys, ["generate", "--model", str(tiny_model), "--prompt", "a cat and a dog",
+                              "--out", str(out), *QUICK, *flags])
+    assert message in line
     assert not out.exists()
 
 

@@ -14,7 +14,7 @@ from helpers import learned, ti_config
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from conftest import write_concept_images
+    from helpers import write_concept_images
 
     return write_concept_images(tmp_path_factory.mktemp("img") / "concept")
 

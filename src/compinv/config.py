@@ -160,8 +160,8 @@ class ConceptOptions:
     num_vectors: int = option(1, "vectors per token (the official TI runs use 3)")
     init_word: str = option(None, "one-token word initialising the vectors (default: class word)")
     class_word: str = option(None, "noun kept after the token in prompts: 'photo of a <t> cat'")
-    anchor_word: str = option(None, "one-token word the vectors are pulled toward (default: "
-                                    "the class word, else the init word)")
+    anchor_word: str = option(None, "word the vectors are pulled toward (default: the class "
+                                    "word, else the init word)")
     anchor_words: str = option(None, "several anchors, 'cat,kitten,pet' (a word of several "
                                      "tokens counts as the mean of their rows); replaces "
                                      "--anchor-word")
