@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from compinv.artifacts import staged_folder
 from compinv.errors import CompinvError
 
 CLIP_MAX_LENGTH = 77
@@ -126,13 +127,10 @@ def save_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a random SD-shaped pipeline folder (`save_pretrained`, safetensors) to `out`."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CompinvError(f"--out {out} already exists and is not an empty folder; choose a new path")
+        raise CompinvError(f"`out` {out} already exists and is not an empty folder; choose a new path")
     pipe = build_tiny_pipeline(size, seed)
-    tmp = out.with_name(out.name + ".partial")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    with staged_folder(out) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
     return out
 
 

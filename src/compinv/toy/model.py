@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from compinv.artifacts import (
     load_optimizer_tensors,
     optimizer_tensors,
     save_tensors,
+    staged_folder,
 )
 from compinv.data import TEXTUAL_INVERSION_TEMPLATES as OBJECT_TEMPLATES
 from compinv.errors import CompinvError
@@ -336,12 +336,9 @@ def save_toy_model(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder:
         scheduler=inference_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.to(torch.float16)
-    tmp = out.with_name(out.name + ".partial")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    _declare_float32(tmp / "text_encoder" / "config.json")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged_folder(out) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        _declare_float32(staging / "text_encoder" / "config.json")
     pipe.to(torch.float32)
     return out
 
