@@ -108,10 +108,24 @@ def test_resume_without_checkpoint(capsys, tiny_model, concept_images, tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_embedding(tiny_model, concept_images, tmp_path):
-    cfg = ti_config(tiny_model, concept_images, tmp_path / "nan", lr=1e30, scale_lr=False,
-                    steps=5, no_anchor=False)
-    with pytest.raises(CompinvError, match=r"not finite .* at step \d+; stopped") as info:
-        train(cfg)
+    """A loss that turns NaN at step 3 (options are range-checked, so the NaN is injected)."""
+    from compinv.artifacts import output_folder
+    from compinv.training import prepare
+
+    cfg = ti_config(tiny_model, concept_images, tmp_path / "nan", steps=5).resolved()
+    with output_folder(cfg.out) as out:
+        trainer = prepare(cfg, out)
+    losses = trainer.losses
+
+    def poisoned(batch):
+        terms = losses(batch)
+        if trainer.global_step == 2:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    trainer.losses = poisoned
+    with pytest.raises(CompinvError, match=r"not finite .* at step 3; stopped") as info:
+        trainer.run()
     assert "last good embedding" in str(info.value)
     assert torch.isfinite(learned(tmp_path / "nan" / "learned_embeds.safetensors")).all()
 

@@ -90,7 +90,7 @@ class RunOptions:
     out: str = option(None, "run folder for the learned weights, checkpoints, images and logs")
     resume: str = option(None, "'latest' or a checkpoint folder to continue from")
     checkpoint_every: int = option(500, "save the training state every N steps (0: never)")
-    checkpoints_total_limit: int = option(2, "keep only this many checkpoints (0: keep all)")
+    checkpoints_total_limit: int = option(2, "keep only this many newest checkpoints (>= 1)")
     save_every: int = option(500, "save a copy of the learned weights every N steps (0: only at "
                                   "the end)")
     validation_prompt: list[str] = option([], "prompt for validation images; repeatable; '{}' or "
@@ -191,7 +191,42 @@ class ConceptsFileOptions:
 
 
 # ---- validation: one pass, called by each method config's resolved() --------------------------
-_POSITIVE = ("steps", "batch_size", "grad_accum", "resolution", "repeats", "num_vectors")
+# (name, lowest, highest, lowest allowed itself, highest allowed itself): every numeric option
+# of a run, checked before any model loads. NaN and infinity fail every range.
+_RANGES = (
+    ("steps", 1, 10_000_000, True, True), ("batch_size", 1, 4096, True, True),
+    ("grad_accum", 1, 4096, True, True), ("repeats", 1, 1_000_000, True, True),
+    ("num_vectors", 1, 75, True, True), ("resolution", 8, 2048, True, True),
+    ("lr", 0.0, 1e3, False, True), ("anchor_weight", 0.0, 1e6, True, True),
+    ("recon_weight", 0.0, 1e6, True, True), ("anchor_sparsity", 0.0, 1e6, True, True),
+    ("flip_p", 0.0, 1.0, True, True), ("lr_warmup_steps", 0, 10_000_000, True, True),
+    ("checkpoint_every", 0, 10_000_000, True, True), ("save_every", 0, 10_000_000, True, True),
+    ("validation_every", 0, 10_000_000, True, True),
+    ("checkpoints_total_limit", 1, 1_000_000, True, True),
+    ("num_validation_images", 1, 64, True, True), ("validation_steps", 1, 1000, True, True),
+    ("seed", 0, 2**32 - 1, True, True), ("adam_beta1", 0.0, 1.0, True, False),
+    ("adam_beta2", 0.0, 1.0, True, False), ("adam_epsilon", 0.0, 1.0, False, True),
+    ("weight_decay", 0.0, 1e3, True, True), ("max_grad_norm", 0.0, 1e9, True, True),
+    ("prior_weight", 0.0, 1e6, True, True), ("num_class_images", 1, 100_000, True, True),
+    ("class_image_steps", 1, 1000, True, True), ("lora_rank", 1, 1024, True, True),
+)
+
+
+def check_ranges(cfg: Any, ranges: tuple = _RANGES) -> None:
+    """One clear error for the first numeric option out of its range (or not a finite number)."""
+    for name, low, high, low_ok, high_ok in ranges:
+        if not hasattr(cfg, name):
+            continue
+        value = getattr(cfg, name)
+        inside = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and (low < value or (low_ok and value == low))
+                  and (value < high or (high_ok and value == high)))
+        if not inside:
+            bounds = f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+            raise CompinvError(f"`{name}` {value}: must be a number in {bounds}")
+    if getattr(cfg, "resolution", 8) % 8:
+        raise CompinvError(f"`resolution` {cfg.resolution}: must be a multiple of 8 (the VAE "
+                           "downsamples by 8)")
 
 
 def resolve_common(config: Any) -> Any:
@@ -202,14 +237,7 @@ def resolve_common(config: Any) -> Any:
             raise CompinvError(f"`{name}` is required")
     if cfg.no_anchor:
         cfg.recon_weight, cfg.anchor_weight = 1.0, 0.0
-    for name in _POSITIVE:
-        if getattr(cfg, name) < 1:
-            raise CompinvError(f"`{name}` {getattr(cfg, name)}: must be >= 1")
-    for name in ("anchor_weight", "recon_weight", "lr", "anchor_sparsity"):
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-            raise CompinvError(f"`{name}` {value}: must be a finite number "
-                               + ("> 0" if name == "lr" else ">= 0"))
+    check_ranges(cfg)
     return cfg
 
 
@@ -253,9 +281,6 @@ def concepts_of(cfg: Any) -> tuple[ConceptSpec, ...]:
 
 def check_prior(cfg: Any) -> None:
     """Prior preservation needs, for every concept, something to prompt its class images with."""
-    if cfg.prior_weight < 0 or cfg.num_class_images < 1 or cfg.class_image_steps < 1:
-        raise CompinvError("`prior_weight` must be >= 0, `num_class_images` and "
-                           "`class_image_steps` >= 1")
     if cfg.prior_weight > 0:
         for spec in cfg.concept_list:
             if not (spec.class_word or spec.class_prompt):
@@ -288,6 +313,14 @@ def _concept_entry(entry: Any, where: str) -> ConceptSpec:
         if not entry.get(key):
             raise CompinvError(f"{where}: missing key {key!r}")
     return ConceptSpec(**entry, where=where).resolved()
+
+
+_GENERATE_RANGES = (
+    ("num_images", 1, 1000, True, True), ("steps", 1, 1000, True, True),
+    ("guidance_scale", 0.0, 1000.0, True, True), ("seed", 0, 2**32 - 1, True, True),
+    ("loss_scale", 0.0, 1e6, False, True), ("loss_threshold", 0.0, 1e6, True, True),
+    ("max_iterations", 1, 100, True, True), ("guided_steps", 0, 1000, True, True),
+)
 
 
 @dataclass
@@ -344,8 +377,11 @@ class GenerateConfig:
             if not getattr(self, name):
                 raise CompinvError(f"`{name}` is required")
         check_scheduler_name(self.scheduler)
-        if self.num_images < 1 or self.steps < 1:
-            raise CompinvError("`num_images` and `steps` must be >= 1")
+        check_ranges(self, _GENERATE_RANGES)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not 8 <= value <= 2048 or value % 8):
+                raise CompinvError(f"`{name}` {value}: must be a multiple of 8 from 8 to 2048")
         if self.box and self.layout:
             raise CompinvError("`box` and `layout` auto exclude each other; give boxes or 'auto'")
         if self.layout and not self.phrase:
@@ -357,6 +393,10 @@ class GenerateConfig:
             raise CompinvError("`box` names its phrases itself; drop `phrase`")
         if self.save_attention and not (self.box or self.phrase):
             raise CompinvError("`save_attention` needs phrases: `box` PHRASE=... or `phrase` WORDS")
+        if self.box:  # the boxes first: a bad box is the error to report, not a step count
+            from compinv.spatial.layout import parse_box_flag, resolve_layout
+
+            resolve_layout([parse_box_flag(spec) for spec in self.box])
         if self.box or self.layout:
             self.guidance().validated(self.steps)
         return self

@@ -47,8 +47,7 @@ def user_fields(cls: type) -> list[dataclasses.Field]:
 
 def _base_type(tp: Any) -> Any:
     """The scalar type of an annotation such as `int`, `str | None` or `list[str]`."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    tp = _unwrap_optional(tp)
     if typing.get_origin(tp) is list:
         return typing.get_args(tp)[0]
     return tp
@@ -72,34 +71,84 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                             help=help_text + shown, **meta)
 
 
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+_EXPECTED = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _type_ok(value: Any, tp: type) -> bool:
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    return isinstance(value, (int, float)) if tp is float else isinstance(value, tp)
+
+
+def _checked(value: Any, hint: Any, choices: Any, where: str) -> Any:
+    """`value` from a config file, type-checked exactly as the field declares it.
+
+    YAML would happily give "false" for a bool, 3.9 for an int or a mapping for a prompt; each
+    of those is refused with the expected type, instead of being converted into something else.
+    """
+    if value is None:
+        return None
+    if typing.get_origin(_unwrap_optional(hint)) is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise CompinvError(f"{where} must be a string or a list of strings, got {value!r}")
+        return list(items)
+    tp = _base_type(hint)
+    if not _type_ok(value, tp):
+        raise CompinvError(f"{where} must be {_EXPECTED[tp]}, got {value!r}")
+    if choices and value not in choices:
+        raise CompinvError(f"{where} {value!r}: use one of {', '.join(map(str, choices))}")
+    return float(value) if tp is float else value
+
+
 def _coerce(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in user_fields(cls)}
+    fields = {f.name: f for f in user_fields(cls)}
     out = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise CompinvError(f"{source}: unknown key {key!r}; valid keys: {', '.join(sorted(names))}")
-        tp = _base_type(hints[name])
-        if typing.get_origin(hints[name]) is list:
-            value = [value] if isinstance(value, str) else list(value or [])
-        elif value is not None and not isinstance(value, tp):
-            try:
-                value = tp(value)
-            except (TypeError, ValueError) as exc:
-                raise CompinvError(f"{source}: key {key!r} must be {tp.__name__}, got {value!r}") from exc
-        out[name] = value
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise CompinvError(f"{source}: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        out[name] = _checked(value, hints[name], fields[name].metadata.get("choices"),
+                             f"{source}: key {key!r}")
     return out
 
 
+MAX_FILE_BYTES = 1 << 20  # a settings file is a few KB; anything this large is not one
+
+
 def read_yaml(path: Path, argument: str, fix: str) -> Any:
-    """Parse a YAML (or JSON, a subset of YAML) file given as `argument`, with one-line errors."""
+    """Parse a YAML (or JSON, a subset of YAML) file given as `argument`, with one-line errors.
+
+    The file must be UTF-8 text of at most 1 MiB, and YAML aliases are refused: a few KB of
+    nested aliases can expand to gigabytes.
+    """
     if not path.is_file():
         raise CompinvError(f"`{argument}` {path}: file not found; {fix}")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise CompinvError(f"`{argument}` {path}: {size} bytes, more than a settings file needs "
+                           f"(limit {MAX_FILE_BYTES}); {fix}")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompinvError(f"`{argument}` {path}: not a text file (not UTF-8); {fix}") from exc
+    try:
+        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise CompinvError(f"`{argument}` {path}: YAML aliases (*name) are not accepted; write "
+                               "the values out")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise CompinvError(f"`{argument}` {path}: not valid YAML or JSON ({exc})") from exc
+    if data is None:
+        raise CompinvError(f"`{argument}` {path}: the file is empty; {fix}")
+    return data
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -63,8 +63,6 @@ class DreamBoothConfig(ConceptsFileOptions, ConceptOptions, LossOptions, Optimiz
         if cfg.lora and cfg.train_text_encoder:
             raise CompinvError("`lora` with `train_text_encoder` is not supported; the LoRA adapts "
                                "the UNet (the token rows are trained either way)")
-        if cfg.lora_rank < 1:
-            raise CompinvError(f"`lora_rank` {cfg.lora_rank}: must be >= 1")
         cfg = dataclasses.replace(cfg, concept_list=concepts_of(cfg))
         check_prior(cfg)
         return cfg
