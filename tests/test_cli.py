@@ -28,7 +28,7 @@ def test_train_then_generate(tmp_path, concept_images):
     pngs = sorted(images.glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32)
     record = json.loads((images / "generation.json").read_text())
-    assert record["tokens_loaded"] == ["<cute-cat>", "<cute-cat>_1"]
+    assert record["tokens_loaded"] == ["<cute-cat>"]
     assert record["config"]["prompt"] == "a photo of <cute-cat> on the beach"
 
 

@@ -43,7 +43,7 @@ def test_prior_preservation_generates_and_caches_class_images(prior_run, tiny_mo
     (pngs[1]).unlink()  # as if the run had been killed while generating
     again = train(db_config(tiny_model, images, prior_run.out, prior_weight=1.0,
                                        num_class_images=2, class_image_steps=2, num_vectors=2,
-                                       steps=1))
+                                       steps=1, overwrite=True))
     assert again.steps == 1
     assert pngs[0].stat().st_mtime_ns == stamps[0] and pngs[1].is_file()
 

@@ -9,6 +9,7 @@ folder, even when a run is killed mid-save.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from compinv.errors import CompinvError
+
+log = logging.getLogger("compinv")
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"
 
@@ -57,12 +60,23 @@ def output_folder(path: str | Path, argument: str = "out") -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the permissions the user's umask gives a new file (mkstemp alone makes them 0600).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -142,6 +156,65 @@ def staged_folder(path: Path) -> Iterator[Path]:
         commit_staged(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- run folders: one run each -----------------------------------------------------------------
+LOCK_FILE = ".compinv.lock"
+
+
+@contextmanager
+def run_lock(out: Path, held: bool = True) -> Iterator[None]:
+    """An exclusive lock on the run folder for the block: a second process on the same folder
+    gets a clear error instead of deleting the first one's staging folders. `held=False` (the
+    other processes of one data-parallel run) takes no lock."""
+    if not held:
+        yield
+        return
+    import fcntl
+
+    path = out / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            raise CompinvError(f"`out` {out} is in use by another compinv run (pid {owner}); wait "
+                               "for it to finish or choose another folder") from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders left by a killed run (`.NAME.partial`, `.NAME.old`) are never complete."""
+    for stale in list(out.rglob(".*.partial")) + list(out.rglob(".*.old")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+RUN_OUTPUTS = ("config.json", "checkpoints", "snapshots", "embeddings", "validation", "logs")
+
+
+def claim_run_folder(out: Path, artifact_name: str, resume: str | None, overwrite: bool) -> None:
+    """A run folder belongs to one run: refuse one holding another run unless resuming it, or
+    clear it first with `overwrite` (the class-image cache stays)."""
+    found = [n for n in (*RUN_OUTPUTS, artifact_name) if (out / n).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise CompinvError(f"`out` {out} already holds a run ({', '.join(found)}); pass `resume` "
+                           "latest to continue it, `overwrite` to replace it, or another folder")
+    log.info("overwrite: removing the previous run's %s from %s", ", ".join(found), out)
+    for name in found:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ class RunOptions:
     model: str = option(None, "local diffusers pipeline folder or hub id of an SD 1.x/2.x model")
     out: str = option(None, "run folder for the learned weights, checkpoints, images and logs")
     resume: str = option(None, "'latest' or a checkpoint folder to continue from")
+    overwrite: bool = option(False, "replace the run already in --out (its outputs; a class-image "
+                                    "cache stays); without it such a folder is refused")
     checkpoint_every: int = option(500, "save the training state every N steps (0: never)")
     checkpoints_total_limit: int = option(2, "keep only this many newest checkpoints (>= 1)")
     save_every: int = option(500, "save a copy of the learned weights every N steps (0: only at "
@@ -276,7 +278,19 @@ def concepts_of(cfg: Any) -> tuple[ConceptSpec, ...]:
                                f"{i + 1} both use the token {spec.token!r}; give each concept its "
                                "own token")
         seen[spec.token] = i
+    files: dict[str, str] = {}
+    for spec in specs:  # each token is saved as <stem>.safetensors: two stems must not meet
+        other = files.setdefault(token_file_stem(spec.token), spec.token)
+        if other != spec.token:
+            raise CompinvError(f"`concepts` {cfg.concepts}: tokens {other!r} and {spec.token!r} "
+                               f"would both be saved as {token_file_stem(spec.token)}.safetensors; "
+                               "make them differ in letters, digits, '-' or '_'")
     return specs
+
+
+def token_file_stem(token: str) -> str:
+    """The file name a token's embedding is saved under: only filesystem-safe characters."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in token).strip("_") or "token"
 
 
 def check_prior(cfg: Any) -> None:

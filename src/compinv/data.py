@@ -9,6 +9,7 @@ over one process or several: resume and data-parallel runs reproduce a single-pr
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,15 +76,26 @@ def load_images(folder: str | Path, argument: str = "`images`",
     images = []
     for path in files:
         try:
-            with Image.open(path) as img:
-                img.load()
-                images.append(to_rgb(img))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            images.append(_read_image(path))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+                Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             log.warning("skipping %s: not a readable image (%s)", path, exc)
     if not images:
         raise CompinvError(f"{argument} {folder}: none of its {len(files)} files is a readable image "
                            f"(PNG, JPEG, WebP, ...); add {what}")
     return images
+
+
+def _read_image(path: Path) -> Image.Image:
+    """One image; a header declaring more pixels than PIL's safety limit is an error, not a
+    gigabyte allocation (PIL only warns below twice that limit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) > 1:
+                log.warning("%s has %d frames; using the first", path, img.n_frames)
+            img.load()
+            return to_rgb(img)
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> torch.Tensor:

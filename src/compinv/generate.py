@@ -18,6 +18,7 @@ from compinv.artifacts import EMBEDDINGS_FILE, atomic_write_text, output_folder,
 from compinv.concepts import load_concepts
 from compinv.config import GenerateConfig
 from compinv.errors import CompinvError
+from compinv.methods.textual_inversion import load_embedding_file
 from compinv.models import load_pipeline
 from compinv.pipeline import CompositionalStableDiffusionPipeline, use_scheduler
 from compinv.spatial.layout import Box, layout_to_json, parse_box_flag, resolve_layout
@@ -37,14 +38,9 @@ def resolve_embeddings_file(path: str | Path) -> Path:
 
 def load_embeddings(pipe: StableDiffusionPipeline, files: list[str | Path]) -> list[str]:
     """Load each file with diffusers' own `load_textual_inversion`; return the tokens added."""
-    before = set(pipe.tokenizer.get_vocab())
-    for file in files:
-        path = resolve_embeddings_file(file)
-        try:
-            pipe.load_textual_inversion(str(path))
-        except (ValueError, OSError) as exc:
-            raise CompinvError(f"`embedding_files` {path}: cannot be loaded ({exc})") from exc
-    return sorted(set(pipe.tokenizer.get_vocab()) - before)
+    return [t for file in files
+            for t in load_embedding_file(pipe, resolve_embeddings_file(file), Path(file),
+                                         "embedding_files")]
 
 
 def generate(config: GenerateConfig) -> list[Path]:

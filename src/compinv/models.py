@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -139,6 +140,29 @@ def _hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
 
 
+def _check_pipeline_folder(path: Path) -> None:
+    """A local pipeline folder has model_index.json and a sub-folder for each component it names."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise CompinvError(
+            f"`model` {path}: folder has no model_index.json; pass a diffusers pipeline folder "
+            "(saved with save_pretrained) or a hub id such as runwayml/stable-diffusion-v1-5")
+    try:
+        names = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CompinvError(f"`model` {path}: model_index.json is not valid JSON ({exc})") from exc
+    needed = [n for n, v in names.items() if isinstance(v, list) and v[0] is not None
+              and not n.startswith("_")]
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        if name not in needed:
+            needed.append(name)
+    missing = [n for n in needed if not (path / n).is_dir()]
+    if missing:
+        raise CompinvError(f"`model` {path}: the folder has no {missing[0]}/ (a Stable Diffusion "
+                           "pipeline folder needs unet/, vae/, text_encoder/, tokenizer/ and "
+                           "scheduler/); copy the whole folder")
+
+
 def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load an SD 1.x/2.x pipeline from a local diffusers folder or a hub id.
 
@@ -147,19 +171,17 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32) -> Stab
     """
     path = Path(model).expanduser()
     local = path.exists()
-    if local and not (path / "model_index.json").is_file():
-        raise CompinvError(
-            f"--model {model}: folder has no model_index.json; pass a diffusers pipeline folder "
-            "(saved with save_pretrained) or a hub id such as runwayml/stable-diffusion-v1-5")
+    if local:
+        _check_pipeline_folder(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path) if local else str(model), dtype=dtype, safety_checker=None,
             requires_safety_checker=False, local_files_only=local or _hub_offline())
     except (OSError, ValueError) as exc:
         if local:
-            raise CompinvError(f"--model {model}: cannot load the pipeline folder ({exc})") from exc
+            raise CompinvError(f"`model` {model}: cannot load the pipeline folder ({exc})") from exc
         raise CompinvError(
-            f"--model {model}: not a local folder and not available from the hub cache "
+            f"`model` {model}: not a local folder and not available from the hub cache "
             f"({type(exc).__name__}). Download it once with `huggingface-cli download {model}` on a "
             "machine with internet, or pass a local diffusers folder (`compinv make-tiny-model DIR` "
             "makes a tiny offline one)") from exc

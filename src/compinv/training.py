@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compinv.artifacts import find_checkpoint, output_folder
+from accelerate import PartialState
+
+from compinv.artifacts import (claim_run_folder, find_checkpoint, output_folder,
+                               remove_stale_staging, run_lock)
 from compinv.data import build_dataset, read_concept_material
 from compinv.methods import method_of
 from compinv.models import load_pipeline
@@ -25,7 +28,12 @@ def train(config) -> TrainResult:
     seconds and leaves no half-made run folder behind.
     """
     cfg = config.resolved()
-    with output_folder(cfg.out) as out:
+    artifact = method_of(cfg).artifact_name(cfg)
+    main_process = PartialState().is_main_process
+    with output_folder(cfg.out) as out, run_lock(out, held=main_process):
+        if main_process:
+            remove_stale_staging(out)
+            claim_run_folder(out, artifact, cfg.resume, cfg.overwrite)
         return prepare(cfg, out).run()
 
 

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from compinv.artifacts import save_embeddings, staged_folder
 from compinv.config import (ConceptOptions, ConceptsFileOptions, DataOptions, LossOptions,
-                            OptimizerOptions, RunOptions, check_prior, concepts_of, resolve_common)
+                            OptimizerOptions, RunOptions, check_prior, concepts_of, resolve_common,
+                            token_file_stem)
 from compinv.data import DataRecipe, instance_prompt
 from compinv.errors import CompinvError
 from compinv.methods.registry import ArtifactReader, Method
@@ -76,8 +77,7 @@ class CustomDiffusionConfig(ConceptsFileOptions, ConceptOptions, LossOptions, Op
 
 def embedding_file_name(token: str) -> str:
     """One diffusers embedding file per token; the name keeps only filesystem-safe characters."""
-    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in token).strip("_") or "token"
-    return f"{slug}.safetensors"
+    return f"{token_file_stem(token)}.safetensors"
 
 
 def save_token_embeddings(folder: Path, concepts: list[ConceptToken], rows: TrainableRows) -> None:

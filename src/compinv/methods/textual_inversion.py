@@ -76,26 +76,50 @@ class TextualInversion:
         return save_embeddings({self.concept.token: self.learned_vectors()}, path)
 
 
-def load_embedding_file(pipe, path: Path, run: Path) -> list[str]:
+MAX_VECTORS = 75  # the most a 77-token prompt can hold next to its BOS and EOS
+
+
+def read_embedding_file(path: Path, dim: int, argument: str) -> tuple[str, torch.Tensor]:
+    """(token, [N, dim] vectors) of a diffusers embedding file, checked before it goes into a
+    model: a safetensors file with one token of 1..75 finite vectors of the model's width."""
+    try:
+        data = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CompinvError(f"{argument}: {path.name} is not a safetensors file ({exc})") from exc
+    if len(data) != 1:
+        raise CompinvError(f"{argument}: {path.name} holds {len(data)} tensors; expected one "
+                           "token's embedding")
+    (token, vectors), = data.items()
+    vectors = vectors.reshape(-1, vectors.shape[-1]) if vectors.dim() else vectors.reshape(1, 1)
+    if vectors.shape[-1] != dim:
+        raise CompinvError(f"{argument}: {path.name} has vectors of width {vectors.shape[-1]}, this "
+                           f"model's text encoder has {dim}; load it into the model it was trained for")
+    if not 1 <= vectors.shape[0] <= MAX_VECTORS:
+        raise CompinvError(f"{argument}: {path.name} holds {vectors.shape[0]} vectors for {token!r}; "
+                           f"a prompt can hold 1 to {MAX_VECTORS}")
+    if not torch.isfinite(vectors).all():
+        raise CompinvError(f"{argument}: {path.name} has NaN or infinite values; the run that "
+                           "wrote it diverged")
+    return token, vectors
+
+
+def load_embedding_file(pipe, path: Path, run: Path, argument: str = "runs") -> list[str]:
     """One diffusers embedding file via `load_textual_inversion`, checked to have arrived
     (the Textual Inversion reader; also each token file of the other methods).
 
     Refuses to redefine a token already in the tokenizer (another run's, or a word of the model).
     """
-    data = load_file(str(path))
-    if len(data) != 1:
-        raise CompinvError(f"`runs` {run}: {path.name} holds {len(data)} tensors; expected one "
-                           "token's embedding")
-    (token, vectors), = data.items()
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    token, vectors = read_embedding_file(path, dim, f"`{argument}` {run}")
     if token in pipe.tokenizer.get_vocab():
-        raise CompinvError(f"`runs` {run}: token {token!r} is already loaded (from another "
+        raise CompinvError(f"`{argument}` {run}: token {token!r} is already loaded (from another "
                            "run or the model); train the concepts with different tokens")
-    pipe.load_textual_inversion(str(path))
+    pipe.load_textual_inversion({token: vectors}, token=token)
     names = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
     ids = pipe.tokenizer.convert_tokens_to_ids(names)
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     if not torch.equal(table[ids].cpu().float(), vectors.float()):
-        raise CompinvError(f"`runs` {run}: {token!r} did not load into the text encoder")
+        raise CompinvError(f"`{argument}` {run}: {token!r} did not load into the text encoder")
     return [token]
 
 
