@@ -56,7 +56,7 @@ def run_demo(out: str | Path, concept: str = CONCEPTS[0].name, size: DemoSize = 
     """Run the demo into `out`; returns the path of report.html."""
     by_name = {c.name: c for c in CONCEPTS}
     if concept not in by_name:
-        raise CompinvError(f"--concept {concept!r}: use one of {', '.join(by_name)}")
+        raise CompinvError(f"`concept` {concept!r}: use one of {', '.join(by_name)}")
     toy = by_name[concept]
     out = ensure_writable_dir(out, "--out")
     model = Path(model) if model else SHIPPED_MODEL_DIR

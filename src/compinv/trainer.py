@@ -234,10 +234,9 @@ class Trainer:
                 if not all(torch.isfinite(v) for v in reduced.values()):
                     self._stop_on_nan(reduced)
                 acc.backward(terms["loss"])
-                if acc.sync_gradients:
-                    self.method.mask_gradients()
-                    if self.cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.method.parameters(), self.cfg.max_grad_norm)
+                if acc.sync_gradients and self.cfg.max_grad_norm > 0:
+                    self.method.mask_gradients()  # clip by the norm of what is trained
+                    acc.clip_grad_norm_(self.method.parameters(), self.cfg.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -95,11 +95,11 @@ def parse_box_flag(spec: str) -> tuple[str, tuple[Box, ...]]:
     """CLI `--box 'PHRASE=x0,y0,x1,y1[+x0,y0,x1,y1...]'` -> (phrase, boxes)."""
     phrase, sep, boxes = spec.rpartition("=")
     if not sep or not phrase.strip():
-        raise CompinvError(f"--box {spec!r}: write PHRASE=x0,y0,x1,y1, e.g. 'backpack=0.6,0.2,0.95,0.8'")
+        raise CompinvError(f"`boxes` {spec!r}: write PHRASE=x0,y0,x1,y1, e.g. 'backpack=0.6,0.2,0.95,0.8'")
     try:
         parsed = [tuple(float(v) for v in part.split(",")) for part in boxes.split("+")]
     except ValueError as exc:
-        raise CompinvError(f"--box {spec!r}: coordinates must be numbers, e.g. 0.1,0.2,0.5,0.8") from exc
+        raise CompinvError(f"`boxes` {spec!r}: coordinates must be numbers, e.g. 0.1,0.2,0.5,0.8") from exc
     return phrase.strip(), tuple(check_box(b, phrase.strip()) for b in parsed)
 
 

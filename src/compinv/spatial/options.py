@@ -7,6 +7,7 @@ Kept free of torch imports: the CLI reads these defaults to build its flags, and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from compinv.errors import CompinvError
@@ -42,16 +43,17 @@ class GuidanceConfig:
         if self.guided_steps < 0 or self.guided_steps > num_inference_steps:
             raise CompinvError(
                 f"guided steps {self.guided_steps}: must be between 0 and the number of denoising "
-                f"steps ({num_inference_steps}); lower --guided-steps or raise --steps")
+                f"steps ({num_inference_steps}); lower `guided_steps` or raise `steps`")
         if self.max_iterations < 1:
             raise CompinvError(f"max iterations {self.max_iterations}: must be >= 1 "
-                               "(use --guided-steps 0 to switch guidance off)")
-        if self.loss_scale <= 0 or self.loss_threshold < 0:
+                               "(use `guided_steps` 0 to switch guidance off)")
+        if not (math.isfinite(self.loss_scale) and math.isfinite(self.loss_threshold)) \
+                or self.loss_scale <= 0 or self.loss_threshold < 0:
             raise CompinvError(f"loss scale {self.loss_scale} must be > 0 and loss threshold "
                                f"{self.loss_threshold} >= 0")
         if self.heads not in HEAD_MODES:
             raise CompinvError(f"heads {self.heads!r}: use one of {', '.join(HEAD_MODES)}")
         if self.stop_rule not in STOP_RULES:
             raise CompinvError(f"stop rule {self.stop_rule!r}: use one of {', '.join(STOP_RULES)} "
-                               "(--guidance-stop)")
+                               "(`guidance_stop`)")
         return self
