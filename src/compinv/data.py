@@ -207,9 +207,9 @@ class ConceptDataset:
         [1.2, 1.4] x size and cropped.
         """
         size, f = self.resolution, self.latent_factor
-        mask = self._full_mask()
         if not self.scale_aug:
-            return pixels, mask, ""
+            return pixels, self._full_mask() if self.masked else None, ""
+        mask = self._full_mask()
         if float(torch.rand(1, generator=gen)) < 0.66:
             scale = int(torch.randint(size // 3, size + 1, (1,), generator=gen))
         else:
@@ -255,7 +255,8 @@ class ConceptDataset:
         c, _ = self._stream_entry(index)
         k = int(torch.randint(0, len(self.class_pixels[c]), (1,), generator=gen))
         pixels = self._flipped(crop(self.class_pixels[c][k], self.resolution, self.center_crop, gen), gen)
-        return pixels, self.tokenize(self.concepts[c].class_captions[k]), self._full_mask()
+        return pixels, self.tokenize(self.concepts[c].class_captions[k]), (
+            self._full_mask() if self.masked else None)
 
     def batch(self, indices: list[int]) -> Batch:
         samples = [self.sample(i) for i in indices]
@@ -263,9 +264,10 @@ class ConceptDataset:
         if self.prior:
             samples += [self.class_sample(i) for i in indices]
             gens += [sample_generator(self.seed, i, salt=4) for i in indices]
-        pixels, ids, masks = (torch.stack(x) for x in zip(*samples))
+        pixels, ids, masks = zip(*samples)
         is_prior = torch.arange(len(samples)) >= len(indices) if self.prior else None
-        return Batch(pixels=pixels, input_ids=ids, generators=gens, mask=masks if self.masked else None, is_prior=is_prior)
+        return Batch(pixels=torch.stack(pixels), input_ids=torch.stack(ids), generators=gens,
+                     mask=torch.stack(masks) if self.masked else None, is_prior=is_prior)
 
 
 def read_captions(class_prompt: str | None, count: int, where: str) -> list[str] | None:

@@ -29,17 +29,17 @@ def reconstruction_terms(pred: torch.Tensor, target: torch.Tensor, mask: torch.T
     always scored by the plain mean, as in the official scripts.
     """
     pred, target = pred.float(), target.float()
-    concept = (torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device) if is_prior is None
-               else ~is_prior.to(pred.device))
-    error = (pred[concept] - target[concept]).pow(2)
+    prior = torch.zeros((), device=pred.device)
+    if is_prior is not None:  # class images: a plain mean; the rest are the concept's
+        concept = ~is_prior.to(pred.device)
+        prior = F.mse_loss(pred[~concept], target[~concept])
+        pred, target = pred[concept], target[concept]
+        mask = None if mask is None else mask.to(pred.device)[concept]
     if mask is None:
-        rec = error.mean()
-    else:
-        m = mask.to(pred.device)[concept]
-        rec = ((error * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3))).mean()
-    prior = (F.mse_loss(pred[~concept], target[~concept]) if (~concept).any()
-             else torch.zeros((), device=pred.device))
-    return {"rec": rec, "prior": prior}
+        return {"rec": F.mse_loss(pred, target), "prior": prior}
+    mask = mask.to(pred.device)
+    error = (pred - target).pow(2)
+    return {"rec": ((error * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3))).mean(), "prior": prior}
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
