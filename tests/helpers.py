@@ -47,3 +47,22 @@ def cli_error(capsys, argv: list[str]) -> str:
     assert code == 2, err
     assert len(errors) == 1 and "Traceback" not in err, err
     return errors[0]
+
+
+def moved_concept():
+    """A tiny encoder with a 2-vector concept moved away from its init word, two prompts using
+    it, and the official anchor prompts (the concept's ids replaced by "cat")."""
+    from compinv.models import build_tiny_pipeline
+    from compinv.tokens import add_concept_token, single_token_id
+
+    pipe = build_tiny_pipeline()
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    cat = single_token_id(tok, "cat", "--anchor-word")
+    concept = add_concept_token(tok, enc, "<x>", 2, single_token_id(tok, "dog", "--init-word"))
+    table = enc.get_input_embeddings().weight
+    with torch.no_grad():
+        table[list(concept.ids)] += torch.randn(2, table.shape[1])
+    prompts = [f"a photo of a {concept.text} cat", f"{concept.text} on a beach"]
+    ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    anchor_ids = torch.where(torch.isin(ids, torch.tensor(concept.ids)), cat, ids)
+    return enc, table, cat, concept, ids, anchor_ids

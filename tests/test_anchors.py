@@ -13,7 +13,7 @@ from compinv.models import build_tiny_pipeline
 from compinv.semantic import AnchorAttractor, anchor_loss, build_attractor, input_embeddings
 from compinv.tokens import add_concept_token, single_token_id
 from compinv.training import train
-from helpers import cli_error, ti_config
+from helpers import cli_error, moved_concept, ti_config
 
 
 def _row(pipe, word):
@@ -22,16 +22,7 @@ def _row(pipe, word):
 
 
 def test_one_anchor_without_sparsity_is_exactly_the_official_loss():
-    pipe = build_tiny_pipeline()
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    cat = single_token_id(tok, "cat", "cat")
-    concept = add_concept_token(tok, enc, "<x>", 2, single_token_id(tok, "dog", "dog"))
-    table = enc.get_input_embeddings().weight
-    with torch.no_grad():
-        table[list(concept.ids)] += torch.randn(2, table.shape[1])
-    ids = tok([f"a photo of a {concept.text} cat", f"{concept.text} on a beach"],
-              padding="max_length", max_length=77, return_tensors="pt").input_ids
-    official_ids = torch.where(torch.isin(ids, torch.tensor(concept.ids)), cat, ids)
+    enc, table, cat, concept, ids, official_ids = moved_concept()
     attractor = AnchorAttractor([table[cat][None].detach()], [("cat",)], {i: 0 for i in concept.ids}, 0.0)
     prompt = input_embeddings(enc, ids)
     ours = anchor_loss(prompt, attractor.reference(prompt, ids, table.detach()))

@@ -12,7 +12,6 @@ from PIL import Image
 from compinv.cli import main
 from compinv.data import load_images
 from compinv.errors import CompinvError
-from compinv.training import train
 from helpers import cli_error, learned, ti_config
 
 

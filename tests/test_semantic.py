@@ -5,19 +5,11 @@ import torch
 from compinv.models import build_tiny_pipeline
 from compinv.semantic import anchor_loss, captured_input_embeddings, input_embeddings
 from compinv.tokens import add_concept_token, single_token_id
+from helpers import moved_concept
 
 
 def test_anchor_loss_equals_closed_form_l2_pull():
-    pipe = build_tiny_pipeline()
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    cat = single_token_id(tok, "cat", "--anchor-word")
-    concept = add_concept_token(tok, enc, "<x>", 2, single_token_id(tok, "dog", "--init-word"))
-    table = enc.get_input_embeddings().weight
-    with torch.no_grad():
-        table[list(concept.ids)] += torch.randn(2, table.shape[1])
-    prompts = [f"a photo of a {concept.text} cat", f"{concept.text} on a beach"]
-    ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    anchor_ids = torch.where(torch.isin(ids, torch.tensor(concept.ids)), cat, ids)
+    enc, table, cat, concept, ids, anchor_ids = moved_concept()
 
     with captured_input_embeddings(enc) as captured:
         enc(ids)
