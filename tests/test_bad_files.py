@@ -8,10 +8,7 @@ import os
 import struct
 import zlib
 
-import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from compinv.artifacts import LOCK_FILE, atomic_write_text
 from compinv.data import load_images
@@ -28,37 +25,6 @@ def _train(tiny_model, images, out, *extra):
             "--token", "<t>", "--class-word", "cat", "--steps", "1", "--batch-size", "1",
             "--grad-accum", "1", "--resolution", "32", "--checkpoint-every", "0", "--save-every",
             "0", "--out", str(out), *extra]
-
-
-@pytest.mark.parametrize("content, message", [
-    ("text", "is not a safetensors file"),
-    ({"<t>": torch.zeros(0, 32)}, "holds 0 vectors"),
-    ({"<t>": torch.zeros(2, 7)}, "width 7, this model's text encoder has 32"),
-    ({"<t>": torch.full((1, 32), float("nan"))}, "NaN or infinite values"),
-    ({"<t>": torch.zeros(20000, 32)}, "holds 20000 vectors"),
-    ({"<t>": torch.zeros(1, 32), "<u>": torch.zeros(1, 32)}, "holds 2 tensors"),
-])
-def test_bad_embedding_files(tiny_model, tmp_path, capsys, content, message):
-    path = tmp_path / "x.safetensors"
-    if isinstance(content, str):
-        path.write_text(content)
-    else:
-        save_file(content, str(path))
-    for flag in ("--embeddings", "--concept"):
-        line = cli_error(capsys, _gen(tiny_model, tmp_path / "out", flag, str(path)))
-        assert line.startswith(f"error: {flag} {path}") and message in line
-        assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("missing", ["unet", "tokenizer"])
-def test_model_folder_missing_a_component(tiny_model, tmp_path, capsys, missing):
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    shutil.rmtree(model / missing)
-    line = cli_error(capsys, _gen(model, tmp_path / "out"))
-    assert f"--model {model}: the folder has no {missing}/" in line
 
 
 def _png_declaring(path, width, height):

@@ -110,26 +110,6 @@ def _cd_argv(tiny_model, out, *extra):
             "--resolution", "32", "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("token: '<a>'\n", "must be a non-empty list"),
-    ("- {token: '<a>', images: IMG, clas_word: cat}\n", "entry 1: unknown key 'clas_word'"),
-    ("- {token: '<a>', images: IMG, class_word: cat}\n- {token: '<b>', class_word: dog}\n",
-     "entry 2: missing key 'images'"),
-    ("- {token: '<a>', images: IMG, class_word: [cat]}\n", "entry 1: key 'class_word' must be a string"),
-    ("- {token: '<a>', images: IMG, class_word: cat}\n- {token: '<a>', images: IMG, class_word: dog}\n",
-     "entries 1 and 2 both use the token '<a>'"),
-    ("- {token: '<a>', images: IMG}\n", "entry 1: needs class_word"),
-    ("- {token: '<a>', images: IMG, class_word: cat}\n- {token: '<b>', images: NOPE, class_word: dog}\n",
-     "entry 2 images"),
-])
-def test_concepts_file_errors_name_entry_and_key(capsys, tiny_model, runs, tmp_path, content, expected):
-    path = tmp_path / "concepts.yaml"
-    path.write_text(content.replace("IMG", runs["images"]).replace("NOPE", str(tmp_path / "nope")))
-    msg = cli_error(capsys, _cd_argv(tiny_model, tmp_path / "out", "--concepts", str(path)))
-    assert expected in msg and str(path) in msg
-    assert not (tmp_path / "out").exists()
-
-
 def test_class_images_folder_without_images(capsys, tiny_model, runs, tmp_path):
     (tmp_path / "classes").mkdir()
     (tmp_path / "classes" / "readme.txt").write_text("no pictures here")

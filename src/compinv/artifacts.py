@@ -8,10 +8,8 @@ folder, even when a run is killed mid-save.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -215,61 +213,3 @@ def claim_run_folder(out: Path, artifact_name: str, resume: str | None, overwrit
     for name in found:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "compinv_state.json"
-
-
-def checkpoint_step(path: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def find_checkpoint(out: Path, resume: str | None) -> Path | None:
-    """The checkpoint folder `resume` names ('latest' or a path), or a clear error."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = sorted((out / CHECKPOINT_DIR).glob("checkpoint-*"), key=checkpoint_step)
-        if not found:
-            raise CompinvError(f"`resume` latest: no checkpoint in {out / CHECKPOINT_DIR}; run "
-                               "without `resume` to start, or pass a checkpoint folder")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise CompinvError(f"`resume` {resume}: not a compinv checkpoint folder (no {STATE_FILE}); "
-                           f"pass 'latest' or a folder such as {out / CHECKPOINT_DIR}/checkpoint-500")
-    return path
-
-
-def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> Path:
-    """The training state (trained modules, optimizer, lr schedule, RNG) after `step` steps.
-
-    Every process writes its part into the staging folder; the main process then commits it
-    and keeps only the newest `keep` checkpoints (0: all).
-    """
-    root = out / CHECKPOINT_DIR
-    final = root / f"checkpoint-{step}"
-    staging = staging_path(final)
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(staging / STATE_FILE, json.dumps({"step": step}))
-        commit_staged(staging, final)
-        found = sorted(root.glob("checkpoint-*"), key=checkpoint_step)
-        for old in found[:-keep] if keep else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, path: Path) -> int:
-    """Restore the training state saved by `save_checkpoint`; returns its step."""
-    state = json.loads((path / STATE_FILE).read_text())
-    accelerator.load_state(str(path))
-    return int(state["step"])

@@ -55,8 +55,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo finished; open {report.resolve()}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other bad input: one `error:` line naming the flag, exit 2
+    (argparse would print the whole usage first). Sub-commands inherit this class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compinv", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="compinv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random SD-shaped pipeline folder")
@@ -120,7 +128,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return int(exc.code or 0)
     try:
         args.func(args)
     except CompinvError as exc:

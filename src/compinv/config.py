@@ -410,7 +410,7 @@ class GenerateConfig:
         if self.box:  # the boxes first: a bad box is the error to report, not a step count
             from compinv.spatial.layout import parse_box_flag, resolve_layout
 
-            resolve_layout([parse_box_flag(spec) for spec in self.box])
+            resolve_layout([_parsed_box(parse_box_flag, spec) for spec in self.box])
         if self.box or self.layout:
             self.guidance().validated(self.steps)
         return self
@@ -433,3 +433,13 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(f"compinv.methods.{homes[name]}"), name)
     raise AttributeError(f"module 'compinv.config' has no attribute {name!r}")
+
+
+def _parsed_box(parse, spec: str):
+    """One `--box` flag parsed; its error names the flag it came from."""
+    try:
+        return parse(spec)
+    except CompinvError as exc:
+        if "`box" in exc.template:
+            raise
+        raise CompinvError(f"`box` {spec!r}: {exc.template}") from exc

@@ -385,6 +385,7 @@ def build_dataset(cfg, pipe, out: Path, material: list[ConceptMaterial],
 
     specs = cfg.concept_list
     tokenizer = pipe.tokenizer
+    check_prompts_fit(tokenizer, specs, recipe, cfg.num_vectors)
     class_sets = [_class_set(cfg, pipe, out, spec, m) for spec, m in zip(specs, material)]
     tokens = add_concept_tokens(tokenizer, pipe.text_encoder,
                                 [(s.token, s.init_word, _argument(s, "init_word")) for s in specs],
@@ -398,6 +399,22 @@ def build_dataset(cfg, pipe, out: Path, material: list[ConceptMaterial],
                              scale_aug=recipe.scale_aug, masked=recipe.masked, flip_p=cfg.flip_p,
                              center_crop=cfg.center_crop, prior=prior)
     return tokens, dataset
+
+
+def check_prompts_fit(tokenizer, specs, recipe: DataRecipe, num_vectors: int) -> None:
+    """Refuse vectors that the text encoder would never see: a training prompt longer than its
+    77 tokens is cut, and the vectors past the cut would not be trained."""
+    prefixes = ("",) + ((*ZOOM_PREFIXES, *SMALL_PREFIXES) if recipe.scale_aug else ())
+    limit = tokenizer.model_max_length
+    for spec in specs:
+        length, prompt = max((len(tokenizer(p + q).input_ids), p + q)
+                             for p in prefixes for q in recipe.prompts(spec, ""))
+        if length + num_vectors > limit:
+            fits = limit - length
+            fix = (f"use at most {fits} vectors" if fits >= 1 else "shorten the prompt")
+            raise CompinvError(f"`num_vectors` {num_vectors}: the longest training prompt of "
+                               f"{spec.token!r} ({prompt.strip()!r}) would need {length + num_vectors} "
+                               f"tokens, the text encoder reads {limit}; {fix}")
 
 
 def _class_set(cfg, pipe, out: Path, spec, material: ConceptMaterial) -> tuple[list[Image.Image], list[str]]:

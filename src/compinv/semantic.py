@@ -90,7 +90,8 @@ class AnchorAttractor:
         # 1 / Lipschitz constant of the gradient 2(Ga - b): converges for any start.
         self._step = [0.5 / float(torch.linalg.eigvalsh(g).max().clamp_min(1e-12)) for g in self._gram]
         self._penalty = [sparsity * float((a * a).sum(1).mean()) for a in self.anchors]
-        self._raw = {p: torch.zeros(len(self.anchors[c])) for p, c in owners.items()}  # warm starts
+        # The previous step's solution of each vector (checkpoints keep it, so resume is exact).
+        self.warm_starts = {p: torch.zeros(len(self.anchors[c])) for p, c in owners.items()}
         self.weights: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -99,10 +100,10 @@ class AnchorAttractor:
         for p, c in self.owners.items():
             anchors, gram = self.anchors[c].to(table.device), self._gram[c].to(table.device)
             b = anchors @ table[p].float()
-            a = self._raw[p].to(table.device)
+            a = self.warm_starts[p].to(table.device)
             for _ in range(_ITERATIONS):
                 a = (a - self._step[c] * (2 * (gram @ a - b) + self._penalty[c])).clamp_min(0)
-            self._raw[p] = a.cpu()
+            self.warm_starts[p] = a.cpu()
             if float(a.sum()) <= 0:  # no anchor correlates with v: the nearest anchor
                 a = torch.zeros_like(a)
                 a[int(torch.cdist(table[p].float()[None], anchors).argmin())] = 1.0

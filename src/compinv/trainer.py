@@ -3,7 +3,7 @@
 A method's trainable state (`Trainable`) says what is trained and how it is saved; the loop
 owns the rest: batches, the loss terms (losses.py, semantic.py) and their weighted sum,
 optimisation, the NaN guard, progress bar, TensorBoard, validation images (validation.py),
-checkpoints and resume (artifacts.py).
+checkpoints and resume (checkpoints.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from compinv.artifacts import atomic_write_text, load_checkpoint, save_checkpoint, save_image
+from compinv.artifacts import atomic_write_text, save_image
+from compinv.checkpoints import ResumableState, load_checkpoint, save_checkpoint
 from compinv.data import Batch, ConceptDataset
 from compinv.errors import CompinvError
 from compinv.methods.registry import Method
@@ -33,6 +34,16 @@ from compinv.diagnostics import VocabularyStats
 from compinv.tokens import ConceptToken
 from compinv.validation import concept_scalars, live_pipeline, validation_grid
 from compinv.versions import library_versions
+
+
+# Settings that shape the trained tensors: a checkpoint of a run with others cannot continue it.
+RESUME_SETTINGS = ("num_vectors", "freeze_model", "lora", "lora_rank", "train_text_encoder")
+
+
+def all_finite(tensors) -> bool:
+    """True when no tensor holds a NaN or an infinity (one device sync for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class Trainable(Protocol):
@@ -223,7 +234,11 @@ class Trainer:
         return TrainResult(self.out, artifact, self.global_step, logs)
 
     def step(self) -> dict[str, float]:
-        """One optimisation step (grad_accum micro-batches); returns the mean loss terms."""
+        """One optimisation step (grad_accum micro-batches); returns the mean loss terms.
+
+        The NaN guard checks the loss and the gradients before the optimiser may apply them (so
+        the weights are still the last finite ones when it stops), and the trained tensors after.
+        """
         acc = self.accelerator
         sums = {"loss": 0.0, "rec": 0.0, "anchor": 0.0, "prior": 0.0}
         for micro in range(self.cfg.grad_accum):
@@ -232,29 +247,58 @@ class Trainer:
                 terms = self.losses(batch)
                 reduced = {k: acc.reduce(v.detach(), reduction="mean") for k, v in terms.items()}
                 if not all(torch.isfinite(v) for v in reduced.values()):
-                    self._stop_on_nan(reduced)
+                    bad = ", ".join(f"{k}={float(v)}" for k, v in reduced.items() if not torch.isfinite(v))
+                    self._stop_on_nan(f"loss is not finite ({bad})")
                 acc.backward(terms["loss"])
-                if acc.sync_gradients and self.cfg.max_grad_norm > 0:
-                    self.method.mask_gradients()  # clip by the norm of what is trained
-                    acc.clip_grad_norm_(self.method.parameters(), self.cfg.max_grad_norm)
+                if acc.sync_gradients:
+                    self._check_gradients()
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for key, value in reduced.items():
                 sums[key] += float(value) / self.cfg.grad_accum
         self.method.after_step()
+        if not all_finite(self.method.parameters()):
+            self._stop_on_broken_weights()
         return sums
 
-    def _stop_on_nan(self, terms: dict[str, torch.Tensor]) -> None:
+    def _check_gradients(self) -> None:
+        """Clip by the norm of what is trained; stop on non-finite gradients (under fp16 the
+        gradient scaler skips such steps itself)."""
+        params = self.method.parameters()
+        if self.cfg.max_grad_norm > 0:
+            self.method.mask_gradients()
+            self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.accelerator.scaler is None and not all_finite(p.grad for p in params):
+            self._stop_on_nan("gradients are not finite")
+
+    def _stop_on_nan(self, what: str) -> None:
         """Keep the last good artifact and stop: training on from a NaN only spreads it."""
-        bad = ", ".join(f"{k}={float(v)}" for k, v in terms.items() if not torch.isfinite(v))
         path = self.out / self.artifact_name
         if self.accelerator.is_main_process:
             path = self.method.save(path)
         raise CompinvError(
-            f"loss is not finite ({bad}) at step {self.global_step + 1}; stopped. The last good "
+            f"{what} at step {self.global_step + 1}; stopped. The last good "
             f"{'embedding' if path.suffix else 'weights'} (after step {self.global_step}) was "
             f"saved to {path}. Lower `lr`, or train without mixed precision")
+
+    def _stop_on_broken_weights(self) -> None:
+        """The update itself overflowed: the last finite weights are gone, so nothing is saved."""
+        raise CompinvError(
+            f"the trained weights became NaN or infinite at step {self.global_step + 1}; stopped "
+            f"without saving them. Resume from the newest checkpoint in {self.out} with a lower `lr`")
+
+    def _resumable(self) -> ResumableState:
+        """What a checkpoint holds: the trained tensors, optimiser, schedule, scaler and the
+        attractor's warm starts, plus the settings a resumed run must share."""
+        settings = {"method": self.spec.name,
+                    "tokens": [[t.token, len(t.ids)] for t in self.tokens],
+                    **{k: getattr(self.cfg, k) for k in RESUME_SETTINGS if hasattr(self.cfg, k)}}
+        return ResumableState(
+            parameters=self.method.parameters(), optimizer=self.optimizer,
+            scheduler=self.lr_scheduler.scheduler, scaler=self.accelerator.scaler,
+            warm_starts=self.attractor.warm_starts if self.attractor is not None else {},
+            settings=settings)
 
     def _periodic_outputs(self) -> None:
         cfg, step, acc = self.cfg, self.global_step, self.accelerator
@@ -263,7 +307,7 @@ class Trainer:
         if cfg.save_every and step % cfg.save_every == 0 and acc.is_main_process:
             self.method.save(self._snapshot_path(step))
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(acc, self.out, step, cfg.checkpoints_total_limit)
+            save_checkpoint(acc, self.out, step, cfg.checkpoints_total_limit, self._resumable())
         if cfg.validation_prompt and cfg.validation_every and step % cfg.validation_every == 0:
             self._validate()
 
@@ -275,7 +319,8 @@ class Trainer:
             self.method.save(path)
             self._write_config(finished_step=self.global_step, **self._concept_record())
         if self.cfg.checkpoint_every:
-            save_checkpoint(acc, self.out, self.global_step, self.cfg.checkpoints_total_limit)
+            save_checkpoint(acc, self.out, self.global_step, self.cfg.checkpoints_total_limit,
+                            self._resumable())
         if self.cfg.validation_prompt:
             self._validate()
         return path
@@ -287,7 +332,7 @@ class Trainer:
         return self.out / self.spec.snapshot_dir / f"{name.stem}-step-{step:06d}{name.suffix}"
 
     def _resume(self, path: Path) -> None:
-        self.global_step = load_checkpoint(self.accelerator, path)
+        self.global_step = load_checkpoint(self.accelerator, path, self._resumable())
         if self.global_step > self.cfg.steps:
             raise CompinvError(f"`resume` {path}: checkpoint is at step {self.global_step}, past "
                                f"`steps` {self.cfg.steps}; raise `steps` to train further")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from compinv.artifacts import (claim_run_folder, find_checkpoint, output_folder,
-                               remove_stale_staging, run_lock)
+from compinv.artifacts import claim_run_folder, output_folder, remove_stale_staging, run_lock
+from compinv.checkpoints import find_checkpoint
 from compinv.data import build_dataset, read_concept_material
 from compinv.methods import method_of
 from compinv.models import load_pipeline
