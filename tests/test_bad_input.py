@@ -90,3 +90,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_embedding(tiny_model, concept
     assert torch.isfinite(learned(tmp_path / "nan" / "learned_embeds.safetensors")).all()
 
 
+
+
+def test_unreadable_folder(capsys, tiny_model, concept_images, tmp_path, monkeypatch):
+    """Root reads every folder, so the refusal is simulated where listing happens."""
+    from pathlib import Path
+
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == concept_images:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    line = cli_error(capsys, _train_argv(tiny_model, concept_images, tmp_path / "out"))
+    assert f"--images {concept_images}: the folder cannot be read (Permission denied)" in line
+    assert not (tmp_path / "out").exists()

@@ -69,7 +69,11 @@ def load_images(folder: str | Path, argument: str = "`images`",
     folder = Path(folder)
     if not folder.is_dir():
         raise CompinvError(f"{argument} {folder}: no such folder; pass the folder with {what}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as exc:
+        raise CompinvError(f"{argument} {folder}: the folder cannot be read ({exc.strerror}); fix "
+                           "its permissions or pass another folder") from exc
     if not files:
         raise CompinvError(f"{argument} {folder}: the folder is empty; put {what} in it"
                            + (" (3-20 are typical)" if what == "the concept's images" else ""))
