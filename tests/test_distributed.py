@@ -57,3 +57,17 @@ def test_custom_diffusion_two_processes_average_unet_gradients(tiny_model, conce
                                 batch_size=1, resolution=32, checkpoint_every=0, save_every=0,
                                 validation_every=0, seed=1, lr=1e-2)
     _assert_equal_states(*_launch_two_processes("custom-diffusion", cfg))
+
+
+def test_two_processes_checkpoint_and_resume_exactly(tiny_model, concept_images, tmp_path):
+    """Each process saves its own random state; the resumed 2-process run ends where an
+    uninterrupted one does."""
+    whole = ti_config(tiny_model, concept_images, tmp_path / "whole", steps=3, batch_size=1)
+    expected = _launch_two_processes("textual-inversion", whole)[0]
+    part = dataclasses.replace(whole, out=str(tmp_path / "parts"), steps=2, checkpoint_every=1)
+    _launch_two_processes("textual-inversion", part)
+    checkpoint = tmp_path / "parts" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "rng-0.json").is_file() and (checkpoint / "rng-1.json").is_file()
+    resumed = _launch_two_processes("textual-inversion",
+                                    dataclasses.replace(part, steps=3, resume="latest"))
+    _assert_equal_states(expected, resumed[0])
