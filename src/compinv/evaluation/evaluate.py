@@ -1,0 +1,151 @@
+"""`compinv evaluate`: score samples with the chosen metrics; write per-image CSV and JSON with
+per-prompt and per-variant summaries (means, 95 % intervals, paired differences)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from compinv.artifacts import atomic_write_text, ensure_writable_dir
+from compinv.errors import CompinvError
+from compinv.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Metric
+from compinv.evaluation.samples import Sample
+from compinv.evaluation.stats import paired_difference, summarise
+from compinv.versions import library_versions
+
+METRIC_SETS = ("clip", "dino", "detector", "toy")
+DEFAULT_METRICS = ("clip", "dino", "detector")
+IMAGE_METRICS = {"clip_i", "dino", "toy_image", "toy_colours"}
+CSV_FILE, JSON_FILE = "evaluation.csv", "evaluation.json"
+
+
+@dataclass
+class MetricChoice:
+    """Which metric models to run; ids or local folders."""
+
+    metrics: Sequence[str] = DEFAULT_METRICS
+    clip_model: str = DEFAULT_CLIP
+    dino_model: str = DEFAULT_DINO
+    detector: str = "facebook/detr-resnet-50"
+    detector_threshold: float | None = None
+    toy_classifier: str | None = None
+    batch_size: int = 32
+
+    def build(self) -> list[Metric]:
+        """Load the models (offline-first); unknown names are refused before any load."""
+        unknown = [m for m in self.metrics if m not in METRIC_SETS]
+        if unknown or not self.metrics:
+            raise CompinvError(f"`metrics` {unknown[0] if unknown else 'empty'}: use one or more of "
+                               f"{', '.join(METRIC_SETS)}")
+        if self.detector_threshold is not None and not 0 <= self.detector_threshold <= 1:
+            raise CompinvError(f"`detector_threshold` {self.detector_threshold}: must be in [0, 1]")
+        built: list[Metric] = []
+        for name in dict.fromkeys(self.metrics):
+            if name == "clip":
+                from compinv.evaluation.metrics import ClipMetrics
+                built.append(ClipMetrics(self.clip_model, self.batch_size))
+            elif name == "dino":
+                from compinv.evaluation.metrics import DinoMetric
+                built.append(DinoMetric(self.dino_model, self.batch_size))
+            elif name == "detector":
+                from compinv.evaluation.detection import ConceptInclusion, load_detector
+                built.append(ConceptInclusion(load_detector(self.detector, self.detector_threshold)))
+            else:
+                from compinv.evaluation.toy import ToyMetrics
+                built.append(ToyMetrics(self.toy_classifier))
+        return built
+
+
+@dataclass
+class Evaluation:
+    """Per-image rows, the metric columns and what each one means."""
+
+    rows: list[dict]
+    columns: list[str]
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+    def variants(self) -> list[str]:
+        return list(dict.fromkeys(r["variant"] for r in self.rows))
+
+    def summary(self, baseline: str | None = None) -> dict:
+        """Per variant and per (variant, prompt): mean, 95 % CI, n; and each variant's paired
+        difference from `baseline` (default: 'baseline' if present, else the first variant)."""
+        variants = self.variants()
+        baseline = baseline or ("baseline" if "baseline" in variants else variants[0])
+        return {
+            "metrics": self.descriptions,
+            "baseline": baseline,
+            "per_variant": summarise(self.rows, self.columns, ["variant"]),
+            "per_prompt": summarise(self.rows, self.columns, ["variant", "plain_prompt"]),
+            "paired_differences": [
+                {"variant": v, "baseline": baseline,
+                 **{m: paired_difference(self.rows, m, v, baseline) for m in self.columns}}
+                for v in variants if v != baseline],
+        }
+
+
+def score_samples(samples: Sequence[Sample], metrics: Sequence[Metric]) -> Evaluation:
+    """Every metric over every sample; images are read once."""
+    if not samples:
+        raise CompinvError("`runs`: nothing to evaluate; pass generation runs or --images")
+    columns = [c for m in metrics for c in m.columns]
+    lacking = [s for s in samples if not s.references]
+    if lacking and IMAGE_METRICS & set(columns):
+        raise CompinvError(
+            f"`references`: no reference images for {lacking[0].image.parent} (prompt "
+            f"{lacking[0].prompt!r}); pass --references TOKEN=FOLDER, or leave out the image "
+            "alignment metrics (--metrics clip detector)")
+    images = [_read(s.image) for s in samples]
+    rows = [{"image": str(s.image), "variant": s.variant, "prompt": s.prompt,
+             "plain_prompt": s.plain_prompt, "prompt_key": s.prompt_key, "index": s.index,
+             "objects": "+".join(s.objects), "attention": [str(p) for p in s.attention]}
+            for s in samples]
+    descriptions: dict[str, str] = {}
+    for metric in metrics:
+        scores = metric.score(samples, images)
+        descriptions |= metric.describe()
+        for column in metric.columns:
+            for row, value in zip(rows, scores[column]):
+                row[column] = float(value)
+    return Evaluation(rows, columns, descriptions)
+
+
+def _read(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as exc:
+        raise CompinvError(f"`runs`: {path} is not a readable image ({exc}); regenerate it") from exc
+
+
+def write_evaluation(evaluation: Evaluation, out: str | Path, baseline: str | None = None) -> dict:
+    """evaluation.csv (one row per image) and evaluation.json (rows + summary); atomically."""
+    out = ensure_writable_dir(out, "out")
+    buffer = io.StringIO()
+    fields = ["image", "variant", "prompt", "plain_prompt", "index", "objects", *evaluation.columns]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in evaluation.rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    atomic_write_text(out / CSV_FILE, buffer.getvalue())
+    record = {"columns": evaluation.columns, **evaluation.summary(baseline),
+              "images": evaluation.rows, "versions": library_versions()}
+    atomic_write_text(out / JSON_FILE, json.dumps(record, indent=2, allow_nan=True))
+    return record
+
+
+def load_evaluation(path: str | Path) -> Evaluation:
+    """An Evaluation back from evaluation.json (for the report)."""
+    path = Path(path)
+    file = path / JSON_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CompinvError(f"`evaluation` {path}: no {JSON_FILE}; run `compinv evaluate` first")
+    record = json.loads(file.read_text())
+    return Evaluation(record["images"], record["columns"], record.get("metrics", {}))
