@@ -17,13 +17,12 @@ import torch
 from PIL import Image
 
 from compinv.errors import CompinvError
+from compinv.evaluation.defaults import (DEFAULT_DETECTOR, DEFAULT_OPEN_VOCABULARY_DETECTOR,
+                                         DEFAULT_THRESHOLD, OPEN_VOCABULARY_THRESHOLD)
 from compinv.evaluation.loading import load_pretrained, metric_device
 from compinv.evaluation.metrics import batches
 from compinv.evaluation.samples import Sample
 
-DEFAULT_DETECTOR = "facebook/detr-resnet-50"
-DEFAULT_THRESHOLD = 0.8  # the official code's DETR score threshold
-OPEN_VOCABULARY_THRESHOLD = 0.1  # OWL-ViT's usual threshold (its scores are sigmoid, not softmax)
 # Spellings people use for COCO classes whose detector label differs.
 ALIASES = {"table": "dining table", "sofa": "couch", "motorbike": "motorcycle", "plant": "potted plant",
            "tv monitor": "tv", "television": "tv", "hydrant": "fire hydrant", "aeroplane": "airplane"}
@@ -87,7 +86,7 @@ class OpenVocabularyDetector:
 
     vocabulary = None
 
-    def __init__(self, model: str = "google/owlv2-base-patch16-ensemble",
+    def __init__(self, model: str = DEFAULT_OPEN_VOCABULARY_DETECTOR,
                  threshold: float = OPEN_VOCABULARY_THRESHOLD, device=None):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 

@@ -15,14 +15,13 @@ from PIL import Image
 
 from compinv.artifacts import atomic_write_text, ensure_writable_dir
 from compinv.errors import CompinvError
-from compinv.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Metric
+from compinv.evaluation.defaults import (DEFAULT_CLIP, DEFAULT_DETECTOR, DEFAULT_DINO,
+                                         DEFAULT_METRICS, IMAGE_METRICS, METRIC_SETS)
+from compinv.evaluation.metrics import Metric
 from compinv.evaluation.samples import Sample
 from compinv.evaluation.stats import paired_difference, summarise
 from compinv.versions import library_versions
 
-METRIC_SETS = ("clip", "dino", "detector", "toy")
-DEFAULT_METRICS = ("clip", "dino", "detector")
-IMAGE_METRICS = {"clip_i", "dino", "toy_image", "toy_colours"}
 CSV_FILE, JSON_FILE = "evaluation.csv", "evaluation.json"
 
 
@@ -33,7 +32,7 @@ class MetricChoice:
     metrics: Sequence[str] = DEFAULT_METRICS
     clip_model: str = DEFAULT_CLIP
     dino_model: str = DEFAULT_DINO
-    detector: str = "facebook/detr-resnet-50"
+    detector: str = DEFAULT_DETECTOR
     detector_threshold: float | None = None
     toy_classifier: str | None = None
     batch_size: int = 32
@@ -79,6 +78,9 @@ class Evaluation:
         difference from `baseline` (default: 'baseline' if present, else the first variant)."""
         variants = self.variants()
         baseline = baseline or ("baseline" if "baseline" in variants else variants[0])
+        if baseline not in variants:
+            raise CompinvError(f"`baseline` {baseline!r} is not a variant of these images; use one "
+                               f"of {', '.join(variants)}")
         return {
             "metrics": self.descriptions,
             "baseline": baseline,
@@ -91,17 +93,26 @@ class Evaluation:
         }
 
 
+def check_references(samples: Sequence[Sample], metrics: Sequence[str]) -> None:
+    """Image alignment needs each sample's reference photos; say which run lacks them."""
+    lacking = [s for s in samples if not s.references]
+    if lacking and {"clip", "dino", "toy"} & set(metrics):
+        raise CompinvError(
+            f"`references`: no reference images for {lacking[0].image.parent} (prompt "
+            f"{lacking[0].prompt!r}); pass --references TOKEN=FOLDER (the concept's photos), or "
+            "score without image alignment (--metrics detector)")
+
+
 def score_samples(samples: Sequence[Sample], metrics: Sequence[Metric]) -> Evaluation:
     """Every metric over every sample; images are read once."""
     if not samples:
-        raise CompinvError("`runs`: nothing to evaluate; pass generation runs or --images")
+        raise CompinvError("`run`: nothing to evaluate; pass generation runs, or `images` with `prompts`")
     columns = [c for m in metrics for c in m.columns]
-    lacking = [s for s in samples if not s.references]
-    if lacking and IMAGE_METRICS & set(columns):
-        raise CompinvError(
-            f"`references`: no reference images for {lacking[0].image.parent} (prompt "
-            f"{lacking[0].prompt!r}); pass --references TOKEN=FOLDER, or leave out the image "
-            "alignment metrics (--metrics clip detector)")
+    if IMAGE_METRICS & set(columns):
+        check_references(samples, ("clip",))
+    for metric in metrics:  # cheap input checks first (a detector lacking a class)
+        if hasattr(metric, "check_classes"):
+            metric.check_classes(samples)
     images = [_read(s.image) for s in samples]
     rows = [{"image": str(s.image), "variant": s.variant, "prompt": s.prompt,
              "plain_prompt": s.plain_prompt, "prompt_key": s.prompt_key, "index": s.index,
@@ -122,7 +133,7 @@ def _read(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as exc:
-        raise CompinvError(f"`runs`: {path} is not a readable image ({exc}); regenerate it") from exc
+        raise CompinvError(f"`run`: {path} is not a readable image ({exc}); regenerate it") from exc
 
 
 def write_evaluation(evaluation: Evaluation, out: str | Path, baseline: str | None = None) -> dict:
@@ -137,8 +148,19 @@ def write_evaluation(evaluation: Evaluation, out: str | Path, baseline: str | No
     atomic_write_text(out / CSV_FILE, buffer.getvalue())
     record = {"columns": evaluation.columns, **evaluation.summary(baseline),
               "images": evaluation.rows, "versions": library_versions()}
-    atomic_write_text(out / JSON_FILE, json.dumps(record, indent=2, allow_nan=True))
+    atomic_write_text(out / JSON_FILE, json.dumps(_json_safe(record), indent=2, allow_nan=False))
     return record
+
+
+def _json_safe(value):
+    """NaN (a metric with nothing to score) as null: strict JSON readers reject NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def load_evaluation(path: str | Path) -> Evaluation:
@@ -148,4 +170,41 @@ def load_evaluation(path: str | Path) -> Evaluation:
     if not file.is_file():
         raise CompinvError(f"`evaluation` {path}: no {JSON_FILE}; run `compinv evaluate` first")
     record = json.loads(file.read_text())
-    return Evaluation(record["images"], record["columns"], record.get("metrics", {}))
+    rows = [{k: (math.nan if k in record["columns"] and v is None else v) for k, v in row.items()}
+            for row in record["images"]]
+    return Evaluation(rows, record["columns"], record.get("metrics", {}))
+
+
+def evaluate(out: str | Path, run: Sequence[str | Path] = (), images: str | Path | None = None,
+             prompts: str | Path | None = None, class_word: Sequence[str] = (),
+             references: Sequence[str] = (), objects: Sequence[str] = (),
+             choice: MetricChoice | None = None, baseline: str | None = None,
+             report: bool = True) -> dict:
+    """Score generation runs (`run`: folders with generation.json) and/or a folder of `images`
+    with a `prompts` file; write evaluation.csv, evaluation.json and report.html to `out`.
+
+    class_word / references: 'TOKEN=WORD' / 'TOKEN=FOLDER' for concepts whose training run is
+    not known (or to override it). objects: what concept inclusion looks for in every image that
+    does not say (benchmark images do). Returns the JSON record.
+    """
+    from compinv.evaluation.runs import folder_samples, generation_folders, parse_pairs, run_samples
+
+    words = parse_pairs(class_word, "class_word")
+    refs = parse_pairs(references, "references")
+    if not run and images is None:
+        raise CompinvError("`run`: nothing to evaluate; pass generation runs, or `images` with `prompts`")
+    if images is not None and prompts is None:
+        raise CompinvError("`prompts` is required with `images`: a text file, one prompt a line")
+    samples = [s for r in run for folder in generation_folders(r)
+               for s in run_samples(folder, class_words=words, references=refs, objects=objects)]
+    if images is not None:
+        samples += folder_samples(images, prompts, class_words=words, references=refs, objects=objects)
+    choice = choice or MetricChoice()
+    check_references(samples, choice.metrics)
+    evaluation = score_samples(samples, choice.build())
+    record = write_evaluation(evaluation, out, baseline)
+    if report:
+        from compinv.evaluation.report import write_report
+
+        write_report(evaluation, Path(out) / "report.html")
+    return record

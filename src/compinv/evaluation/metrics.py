@@ -24,11 +24,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from compinv.data import load_images
+from compinv.evaluation.defaults import DEFAULT_CLIP, DEFAULT_DINO
 from compinv.evaluation.loading import features, load_pretrained, metric_device
 from compinv.evaluation.samples import Sample
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the paper's and CustomConcept101's backbone
-DEFAULT_DINO = "facebook/dino-vits16"  # CustomConcept101's DINO
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -13,17 +13,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from compinv.errors import CompinvError
+from compinv.evaluation.defaults import COCO_CLASSES
 from compinv.evaluation.metrics import reference_images
 from compinv.evaluation.samples import Sample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def concept_info(run: str | Path) -> list[dict]:
-    """[{token, class_word, images}] of a training run folder (one per concept it learned)."""
+def concept_info(run: str | Path, argument: str | None = None) -> list[dict]:
+    """[{token, class_word, images}] of a training run folder (one per concept it learned).
+
+    argument: the Python argument that named the run; None when a generation.json named it."""
     config = Path(run) / "config.json"
     if not config.is_file():
-        raise CompinvError(f"`runs` {run}: no config.json; pass the out folder of a `compinv train` run")
+        if argument:
+            raise CompinvError(f"`{argument}` {run}: no config.json; pass the out folder of a "
+                               "`compinv train` run")
+        raise CompinvError(f"concept run {run} (named in a generation.json) has no config.json; "
+                           "pass `class_word` and `references` for its token instead")
     record = json.loads(config.read_text())
     listed = record.get("concept_list") or [record]
     return [{"token": c.get("token"), "class_word": c.get("class_word") or "",
@@ -38,6 +45,36 @@ def plain_prompt(prompt: str, class_words: Mapping[str, str]) -> str:
         pattern = re.escape(token) + (r"(\s+" + re.escape(word) + r"\b)?" if word else "")
         text = re.sub(pattern, word, text)
     return " ".join(text.split())
+
+
+def other_objects(prompt: str, class_words: Mapping[str, str]) -> tuple[str, ...]:
+    """The COCO classes a prompt names besides its concepts ("<cute-cat> cat and a dog" ->
+    ("dog",)): what concept inclusion looks for when nobody said."""
+    text = prompt
+    for token, word in sorted(class_words.items(), key=lambda kv: -len(kv[0])):
+        text = re.sub(re.escape(token) + (r"(\s+" + re.escape(word) + r"\b)?" if word else ""), " ", text)
+    return classes_in(text)
+
+
+def generation_folders(folder: str | Path) -> list[Path]:
+    """`folder` itself when it holds generation.json, else every folder below it that does
+    (a `compinv benchmark` output), sorted; an error when there is none."""
+    folder = Path(folder)
+    if (folder / "generation.json").is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise CompinvError(f"`run` {folder}: no such folder; pass the --out folder of "
+                           "`compinv generate` or `compinv benchmark`")
+    found = sorted(p.parent for p in folder.rglob("generation.json") if not _staging(p, folder))
+    if not found:
+        raise CompinvError(f"`run` {folder}: no generation.json in it or below it; pass the --out "
+                           "folder of `compinv generate` or `compinv benchmark`, or use --images "
+                           "with --prompts")
+    return found
+
+
+def _staging(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def parse_pairs(items: Sequence[str], argument: str) -> dict[str, str]:
@@ -64,17 +101,17 @@ def run_samples(folder: str | Path, variant: str | None = None,
     folder = Path(folder)
     manifest = folder / "generation.json"
     if not manifest.is_file():
-        raise CompinvError(f"`runs` {folder}: no generation.json; pass the --out folder of "
+        raise CompinvError(f"`run` {folder}: no generation.json; pass the --out folder of "
                            "`compinv generate` or `compinv benchmark`, or use --images with --prompts")
     try:
         record = json.loads(manifest.read_text())
         config = record["config"]
         names = record["images"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CompinvError(f"`runs` {manifest}: not a generation.json written by compinv ({exc})") from exc
+        raise CompinvError(f"`run` {manifest}: not a generation.json written by compinv ({exc})") from exc
     missing = [n for n in names if not (folder / n).is_file()]
     if not names or missing:
-        raise CompinvError(f"`runs` {manifest} lists {len(names)} image(s) but "
+        raise CompinvError(f"`run` {manifest} lists {len(names)} image(s) but "
                            f"{len(missing) if names else 'none'} {'are' if names else 'is'} missing"
                            f"{' (' + missing[0] + ', ...)' if missing else ''}; regenerate the run")
     info = [c for run in config.get("concept") or [] for c in concept_info(run)]
@@ -88,7 +125,8 @@ def run_samples(folder: str | Path, variant: str | None = None,
     attention = [folder / n for n in record.get("attention_maps") or []]
     return [Sample(image=folder / name, prompt=prompt, plain_prompt=plain,
                    variant=variant or record.get("variant") or folder.name, index=i,
-                   references=ref_files, objects=tuple(record.get("objects") or objects),
+                   references=ref_files, objects=tuple(record.get("objects") or objects
+                                                       or other_objects(prompt, words)),
                    concepts=tuple(tokens),
                    attention=tuple(p for p in attention if p.name.startswith(f"attention-{i:04d}-")))
             for i, name in enumerate(names)]
@@ -125,5 +163,17 @@ def folder_samples(images: str | Path, prompts: str | Path, variant: str | None 
         samples.append(Sample(image=file, prompt=prompt, plain_prompt=plain_prompt(prompt, {
             t: words.get(t, "") for t in tokens}), variant=variant or folder.name, index=i,
             references=tuple(p for t in sorted(tokens) for p in refs.get(t, ())),
-            objects=tuple(objects), concepts=tokens))
+            objects=tuple(objects) or other_objects(prompt, words), concepts=tokens))
     return samples
+
+
+def classes_in(text: str, classes: Sequence[str] = COCO_CLASSES) -> tuple[str, ...]:
+    """The classes named in `text` as whole words, longest first so that "hot dog" is not also
+    "dog"; in the order of `classes`."""
+    text = " " + " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split()) + " "
+    found = []
+    for name in sorted(classes, key=len, reverse=True):
+        if f" {name} " in text:
+            found.append(name)
+            text = text.replace(f" {name} ", "  ")
+    return tuple(sorted(found, key=list(classes).index))
