@@ -99,8 +99,8 @@ def check_references(samples: Sequence[Sample], metrics: Sequence[str]) -> None:
     if lacking and {"clip", "dino", "toy"} & set(metrics):
         raise CompinvError(
             f"`references`: no reference images for {lacking[0].image.parent} (prompt "
-            f"{lacking[0].prompt!r}); pass --references TOKEN=FOLDER (the concept's photos), or "
-            "score without image alignment (--metrics detector)")
+            f"{lacking[0].prompt!r}); pass `references` TOKEN=FOLDER (the concept's photos), or "
+            "score without image alignment (`metrics` detector)")
 
 
 def score_samples(samples: Sequence[Sample], metrics: Sequence[Metric]) -> Evaluation:

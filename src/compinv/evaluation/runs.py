@@ -68,8 +68,8 @@ def generation_folders(folder: str | Path) -> list[Path]:
     found = sorted(p.parent for p in folder.rglob("generation.json") if not _staging(p, folder))
     if not found:
         raise CompinvError(f"`run` {folder}: no generation.json in it or below it; pass the --out "
-                           "folder of `compinv generate` or `compinv benchmark`, or use --images "
-                           "with --prompts")
+                           "folder of `compinv generate` or `compinv benchmark`, or use `images` "
+                           "with `prompts`")
     return found
 
 
@@ -102,7 +102,7 @@ def run_samples(folder: str | Path, variant: str | None = None,
     manifest = folder / "generation.json"
     if not manifest.is_file():
         raise CompinvError(f"`run` {folder}: no generation.json; pass the --out folder of "
-                           "`compinv generate` or `compinv benchmark`, or use --images with --prompts")
+                           "`compinv generate` or `compinv benchmark`, or use `images` with `prompts`")
     try:
         record = json.loads(manifest.read_text())
         config = record["config"]
