@@ -68,7 +68,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         background=args.background or ["barn"], pairs=args.pairs, images_per_prompt=args.images_per_prompt,
         seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
         scheduler=args.scheduler, height=args.height, width=args.width,
-        save_attention=args.save_attention)
+        save_attention=args.save_attention, guided_steps=args.guided_steps,
+        max_iterations=args.max_iterations)
     out = benchmark(config, None if args.no_evaluate else _choice(args), report=True)
     print(f"benchmark in {out}" + ("" if args.no_evaluate else
                                    f"; open {out / 'report.html'}"))
@@ -126,6 +127,10 @@ def add_evaluation_commands(sub) -> None:
     bench.add_argument("--width", type=int, default=None)
     bench.add_argument("--save-attention", action="store_true",
                        help="save each phrase's attention heat-map (shown in the report)")
+    bench.add_argument("--guided-steps", type=int, default=10,
+                       help="spatial/both: layout guidance on the first N steps (official: 10)")
+    bench.add_argument("--max-iterations", type=int, default=5,
+                       help="spatial/both: guidance iterations per guided step (official: 5)")
     bench.add_argument("--no-evaluate", action="store_true", help="only generate")
     bench.add_argument("--out", required=True, help="benchmark folder (rerun to resume)")
     _metric_flags(bench)

@@ -139,6 +139,14 @@ class BenchmarkConfig:
     height: int | None = None
     width: int | None = None
     save_attention: bool = False
+    guided_steps: int = 10  # the official layout guidance: the first 10 steps
+    max_iterations: int = 5
+
+    def guidance(self):
+        """The layout guidance of the spatial variants: the official settings but these two."""
+        from compinv.spatial.options import GuidanceConfig
+
+        return GuidanceConfig(guided_steps=self.guided_steps, max_iterations=self.max_iterations)
 
     def resolved(self) -> BenchmarkConfig:
         from compinv.pipeline import check_scheduler_name
@@ -165,12 +173,14 @@ class BenchmarkConfig:
             if value is not None and value < low:
                 raise CompinvError(f"`{name}` {value}: must be at least {low}")
         check_scheduler_name(self.scheduler)
+        if set(self.variants) & GUIDED_VARIANTS:
+            self.guidance().validated(self.steps)
         return self
 
     def settings(self) -> dict:
         """What must match for a resumed run to add to the same measurement."""
         keep = ("model", "objects", "images_per_prompt", "seed", "steps", "guidance_scale",
-                "scheduler", "height", "width")
+                "scheduler", "height", "width", "guided_steps", "max_iterations")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -280,6 +290,8 @@ def _run_job(cfg: BenchmarkConfig, pipe, job: Job, out: Path, tokens: list[str])
     from compinv.versions import library_versions
 
     request = _layout(job)
+    if "layout" in request:
+        request["guidance"] = cfg.guidance()
     if not cfg.save_attention and "layout" not in request:
         request = {}
     elif cfg.save_attention:
