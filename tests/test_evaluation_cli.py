@@ -189,3 +189,29 @@ def test_benchmark_bad_input(world, tmp_path, capsys):
         capsys, [*base, "--concept", str(world["vanilla"])])
     assert f"--concept {world['images']}: no config.json" in cli_error(
         capsys, [*base, "--concept", str(world["images"]), "--variants", "baseline"])
+
+
+def test_benchmark_on_the_toy_model_with_the_toy_metrics(tmp_path):
+    """Offline end to end: the shipped toy model, a toy concept, the toy classifier as metric."""
+    from compinv.toy.concepts import CONCEPTS, write_concepts
+    from compinv.toy.model import SHIPPED_MODEL_DIR
+
+    concept = CONCEPTS[0]
+    photos = write_concepts(tmp_path / "concepts") / concept.name
+    run = tmp_path / "toy-run"
+    train(ti_config(SHIPPED_MODEL_DIR, photos, run, token=f"<{concept.name}>",
+                    class_word=concept.class_word, steps=2, anchor_weight=0.0, recon_weight=1.0))
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--model", str(SHIPPED_MODEL_DIR), "--concept", str(run),
+                 "--variants", "baseline", "spatial", "--objects", "toy", "--num-objects", "2",
+                 "--images-per-prompt", "2", "--steps", "3", *GUIDED, "--metrics", "toy",
+                 "--out", str(out)]) == 0
+    rows = read_csv(out / "evaluation.csv")
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        text = float(row["toy_text"])  # share of 3 checks: colour, shape, background
+        assert 0 <= text <= 1 and 3 * text == pytest.approx(round(3 * text))
+        assert row["toy_inclusion"] in ("0.0", "1.0") and -1 <= float(row["toy_image"]) <= 1
+    record = json.loads((out / "evaluation.json").read_text())
+    assert [d["variant"] for d in record["paired_differences"]] == ["spatial"]
+    assert 'id="scatter"' in (out / "report.html").read_text()

@@ -202,3 +202,15 @@ def test_no_reference_images_is_refused(metric_models, tmp_path):
     images = noise_images(tmp_path / "gen", 1)
     with pytest.raises(CompinvError, match="references: no reference images"):
         score_samples([sample(images[0])], [ClipMetrics(str(metric_models["clip"]))])
+
+
+def test_scores_do_not_depend_on_chunks_or_batches(metric_models, tmp_path):
+    images = noise_images(tmp_path / "gen", 5)
+    samples = [sample(p, references=images[:2]) for p in images]
+    whole = score_samples(samples, [ClipMetrics(str(metric_models["clip"]), batch_size=8),
+                                    DinoMetric(str(metric_models["dino"]), batch_size=8)])
+    pieces = score_samples(samples, [ClipMetrics(str(metric_models["clip"]), batch_size=2),
+                                     DinoMetric(str(metric_models["dino"]), batch_size=2)], chunk=2)
+    for a, b in zip(whole.rows, pieces.rows):
+        for column in ("clip_t", "clip_i", "dino"):
+            assert a[column] == pytest.approx(b[column], abs=1e-5)

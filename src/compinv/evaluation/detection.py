@@ -134,7 +134,7 @@ class ConceptInclusion:
     def __init__(self, detector: Detector):
         self.detector = detector
 
-    def check_classes(self, samples: Sequence[Sample]) -> None:
+    def check(self, samples: Sequence[Sample]) -> None:
         """Every object must be in a closed-vocabulary detector's labels, before any work."""
         if self.detector.vocabulary is None:
             return
@@ -147,7 +147,6 @@ class ConceptInclusion:
                         "google/owlv2-base-patch16-ensemble, or a class among its labels")
 
     def score(self, samples: Sequence[Sample], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-        self.check_classes(samples)
         out = np.full(len(samples), np.nan)
         classes = sorted({normalise(o) for s in samples for o in s.objects})
         if not classes:

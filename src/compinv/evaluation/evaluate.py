@@ -12,17 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from compinv.artifacts import atomic_write_text, ensure_writable_dir
 from compinv.errors import CompinvError
 from compinv.evaluation.defaults import (DEFAULT_CLIP, DEFAULT_DETECTOR, DEFAULT_DINO,
                                          DEFAULT_METRICS, IMAGE_METRICS, METRIC_SETS)
-from compinv.evaluation.metrics import Metric
+from compinv.evaluation.metrics import Metric, check_inputs
 from compinv.evaluation.samples import Sample
 from compinv.evaluation.stats import paired_difference, summarise
 from compinv.versions import library_versions
 
 CSV_FILE, JSON_FILE = "evaluation.csv", "evaluation.json"
+CHUNK = 256  # images held in memory at once
 
 
 @dataclass
@@ -103,28 +105,30 @@ def check_references(samples: Sequence[Sample], metrics: Sequence[str]) -> None:
             "score without image alignment (`metrics` detector)")
 
 
-def score_samples(samples: Sequence[Sample], metrics: Sequence[Metric]) -> Evaluation:
-    """Every metric over every sample; images are read once."""
+def score_samples(samples: Sequence[Sample], metrics: Sequence[Metric], chunk: int = CHUNK) -> Evaluation:
+    """Every metric over every sample, `chunk` images in memory at a time (a benchmark holds
+    thousands); each metric batches on its device inside a chunk."""
     if not samples:
         raise CompinvError("`run`: nothing to evaluate; pass generation runs, or `images` with `prompts`")
     columns = [c for m in metrics for c in m.columns]
     if IMAGE_METRICS & set(columns):
         check_references(samples, ("clip",))
     for metric in metrics:  # cheap input checks first (a detector lacking a class)
-        if hasattr(metric, "check_classes"):
-            metric.check_classes(samples)
-    images = [_read(s.image) for s in samples]
+        check_inputs(metric, samples)
     rows = [{"image": str(s.image), "variant": s.variant, "prompt": s.prompt,
              "plain_prompt": s.plain_prompt, "prompt_key": s.prompt_key, "index": s.index,
              "objects": "+".join(s.objects), "attention": [str(p) for p in s.attention]}
             for s in samples]
-    descriptions: dict[str, str] = {}
-    for metric in metrics:
-        scores = metric.score(samples, images)
-        descriptions |= metric.describe()
-        for column in metric.columns:
-            for row, value in zip(rows, scores[column]):
-                row[column] = float(value)
+    starts = range(0, len(samples), chunk)
+    for start in tqdm(starts, desc="evaluating", unit="chunk", disable=len(starts) < 2):
+        part = samples[start : start + chunk]
+        images = [_read(s.image) for s in part]
+        for metric in metrics:
+            scores = metric.score(part, images)
+            for column in metric.columns:
+                for row, value in zip(rows[start : start + chunk], scores[column]):
+                    row[column] = float(value)
+    descriptions = {k: v for metric in metrics for k, v in metric.describe().items()}
     return Evaluation(rows, columns, descriptions)
 
 

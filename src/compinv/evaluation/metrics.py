@@ -42,6 +42,13 @@ class Metric(Protocol):
     def describe(self) -> dict[str, str]: ...
 
 
+def check_inputs(metric: Metric, samples: Sequence[Sample]) -> None:
+    """A metric's own input checks (`check(samples)`, optional), run before any image is scored."""
+    check = getattr(metric, "check", None)
+    if check is not None:
+        check(samples)
+
+
 def batches(items: Sequence, size: int, label: str):
     """Consecutive slices of `items`, with a progress bar on stderr."""
     starts = range(0, len(items), size)

@@ -31,6 +31,11 @@ class ToyMetrics:
         self.classifier = load_classifier(classifier)
         self.name = classifier or "the shipped toy classifier"
 
+    def check(self, samples: Sequence[Sample]) -> None:
+        """Every sample must be a toy composition prompt of a toy concept, before any work."""
+        for sample in samples:
+            composition_prompt(sample)
+
     def score(self, samples: Sequence[Sample], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         from compinv.toy.metrics import score_compositions
 
