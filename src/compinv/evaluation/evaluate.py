@@ -193,6 +193,10 @@ def evaluate(out: str | Path, run: Sequence[str | Path] = (), images: str | Path
     """
     from compinv.evaluation.runs import folder_samples, generation_folders, parse_pairs, run_samples
 
+    if report:
+        from compinv.evaluation.report import require_matplotlib
+
+        require_matplotlib()
     words = parse_pairs(class_word, "class_word")
     refs = parse_pairs(references, "references")
     if not run and images is None:

@@ -338,6 +338,10 @@ def benchmark(config: BenchmarkConfig, metrics=None, report: bool = True) -> Pat
     from accelerate import PartialState
 
     cfg = config.resolved()
+    if metrics is not None and report:
+        from compinv.evaluation.report import require_matplotlib
+
+        require_matplotlib()
     jobs = plan(cfg)
     state = PartialState()
     out = Path(cfg.out)

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from compinv.artifacts import atomic_write_text
+from compinv.errors import CompinvError
 from compinv.evaluation.evaluate import Evaluation
 
 TEXT_AXES = ("clip_score", "clip_t", "toy_text")  # first present is the plot's y axis
@@ -84,6 +85,15 @@ def difference_table(summary: dict, columns: Sequence[str]) -> str:
     return (f'<table id="differences"><caption>Paired differences (same prompt, same seed), '
             f"mean ± 95 % CI; coloured where the interval excludes 0</caption>"
             f"<tr><th>difference</th>{head}</tr>{rows}</table>")
+
+
+def require_matplotlib() -> None:
+    """The report's plot needs matplotlib (the `eval` extra); say so before any work is done."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise CompinvError("`report`: the report's plot needs matplotlib; install it with "
+                           "`pip install 'compinv[eval]'`, or skip the report") from exc
 
 
 def scatter_png(evaluation: Evaluation) -> bytes | None:
