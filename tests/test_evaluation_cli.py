@@ -215,3 +215,29 @@ def test_benchmark_on_the_toy_model_with_the_toy_metrics(tmp_path):
     record = json.loads((out / "evaluation.json").read_text())
     assert [d["variant"] for d in record["paired_differences"]] == ["spatial"]
     assert 'id="scatter"' in (out / "report.html").read_text()
+
+
+def test_benchmark_sharded_over_two_processes_with_accelerate_launch(world, tmp_path):
+    """`accelerate launch` (2 CPU processes, gloo): the jobs are split, each image is the one a
+    single process makes from the same seed."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["benchmark", "--model", str(world["model"]), "--concept", str(world["vanilla"]),
+            "--variants", "baseline", "spatial", "--num-objects", "2", "--images-per-prompt", "1",
+            *FAST, *GUIDED, "--no-evaluate"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+              "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "compinv.cli", *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    records = {p.parent.relative_to(tmp_path / "two"): json.loads(p.read_text())
+               for p in (tmp_path / "two").glob("images/*/*/generation.json")}
+    assert len(records) == 4 and sorted(r["process"] for r in records.values()) == [0, 0, 1, 1]
+    for folder in records:
+        assert ((tmp_path / "two" / folder / "0000.png").read_bytes()
+                == (tmp_path / "one" / folder / "0000.png").read_bytes())

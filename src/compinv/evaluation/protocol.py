@@ -248,8 +248,9 @@ def check_settings(cfg: BenchmarkConfig, out: Path) -> None:
                                "or the same settings to resume")
 
 
-def run_jobs(cfg: BenchmarkConfig, jobs: Sequence[Job], out: Path, device=None) -> int:
-    """Generate each job's images; pipelines are loaded once per set of concept runs."""
+def run_jobs(cfg: BenchmarkConfig, jobs: Sequence[Job], out: Path, device=None, process: int = 0) -> int:
+    """Generate each job's images; pipelines are loaded once per set of concept runs.
+    `process` (the accelerate rank) is recorded in each job's generation.json."""
     from compinv.concepts import load_concepts
     from compinv.models import load_pipeline
     from compinv.pipeline import CompositionalStableDiffusionPipeline, use_scheduler
@@ -266,7 +267,7 @@ def run_jobs(cfg: BenchmarkConfig, jobs: Sequence[Job], out: Path, device=None) 
         use_scheduler(pipe, cfg.scheduler)
         tokens = load_concepts(pipe, list(runs))
         for job in members:
-            _run_job(cfg, pipe, job, out, tokens)
+            _run_job(cfg, pipe, job, out, tokens, process)
             done += 1
             log.info("benchmark: %s/%s (%d/%d on this process)", job.variant, job.prompt.slug,
                      done, len(jobs))
@@ -282,7 +283,7 @@ def _layout(job: Job) -> dict:
     return {"layout": "auto", "phrases": list(job.prompt.phrases)}
 
 
-def _run_job(cfg: BenchmarkConfig, pipe, job: Job, out: Path, tokens: list[str]) -> None:
+def _run_job(cfg: BenchmarkConfig, pipe, job: Job, out: Path, tokens: list[str], process: int) -> None:
     import torch
 
     from compinv.generate import heat_map_picture
@@ -327,6 +328,7 @@ def _run_job(cfg: BenchmarkConfig, pipe, job: Job, out: Path, tokens: list[str])
             "layout": layout_to_json(resolved) if resolved else None,
             "guidance_losses": losses or None,
             "attention_maps": heat_names,
+            "process": process,
             "versions": library_versions(),
         }
         atomic_write_text(folder / "generation.json", json.dumps(record, indent=2))
@@ -336,6 +338,7 @@ def benchmark(config: BenchmarkConfig, metrics=None, report: bool = True) -> Pat
     """Run (or resume) the protocol; with `metrics` (a MetricChoice), evaluate every image and
     write evaluation.csv/json and, with `report`, report.html. Returns the out folder."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     cfg = config.resolved()
     if metrics is not None and report:
@@ -343,7 +346,8 @@ def benchmark(config: BenchmarkConfig, metrics=None, report: bool = True) -> Pat
 
         require_matplotlib()
     jobs = plan(cfg)
-    state = PartialState()
+    # Accelerator reads ACCELERATE_USE_CPU itself; PartialState only when told (CPU processes).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out = Path(cfg.out)
     if state.is_main_process:
         ensure_writable_dir(out, "out")
@@ -353,7 +357,7 @@ def benchmark(config: BenchmarkConfig, metrics=None, report: bool = True) -> Pat
     state.wait_for_everyone()
     mine = pending(shard(jobs, state.process_index, state.num_processes), out)
     log.info("benchmark: %d jobs, %d left for process %d", len(jobs), len(mine), state.process_index)
-    run_jobs(cfg, mine, out, state.device)
+    run_jobs(cfg, mine, out, state.device, state.process_index)
     state.wait_for_everyone()
     if state.is_main_process and metrics is not None:
         evaluate_benchmark(out, jobs, metrics, report)
