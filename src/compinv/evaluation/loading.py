@@ -28,6 +28,16 @@ def load_pretrained(loader: Callable[..., Any], name: str, argument: str, **kwar
 
     `argument` is the Python argument that named the model; errors name it and the fix.
     """
+    try:
+        return _load(loader, name, argument, **kwargs)
+    except ImportError as exc:  # e.g. DETR's main branch builds its backbone with timm
+        raise CompinvError(
+            f"`{argument}` {name}: loading it needs a package that is not installed ({exc}). "
+            "Install it, or use a copy that does not need it (DETR: `huggingface-cli download "
+            "facebook/detr-resnet-50 --revision no_timm --local-dir DIR`, then pass DIR)") from exc
+
+
+def _load(loader: Callable[..., Any], name: str, argument: str, **kwargs: Any) -> Any:
     path = Path(name).expanduser()
     if path.exists():
         try:
