@@ -214,3 +214,25 @@ def test_scores_do_not_depend_on_chunks_or_batches(metric_models, tmp_path):
     for a, b in zip(whole.rows, pieces.rows):
         for column in ("clip_t", "clip_i", "dino"):
             assert a[column] == pytest.approx(b[column], abs=1e-5)
+
+
+def test_open_vocabulary_detector_scores_classes_outside_coco(tmp_path):
+    from compinv.evaluation.detection import OpenVocabularyDetector
+    from compinv.evaluation.tiny import save_tiny_owlvit
+
+    detector = load_detector(str(save_tiny_owlvit(tmp_path / "owl")))
+    assert isinstance(detector, OpenVocabularyDetector) and detector.threshold == 0.1
+    assert detector.vocabulary is None  # any noun is a query: no class check
+    head = detector.model.class_head
+    with torch.no_grad():  # every box matches every query: sigmoid((cos + 10) * 6) ~ 1
+        for layer, bias in ((head.logit_shift, 10.0), (head.logit_scale, 5.0)):
+            layer.weight.zero_()
+            layer.bias.fill_(bias)
+    images = noise_images(tmp_path / "gen", 1, size=(60, 40))
+    inclusion = ConceptInclusion(detector)
+    pot = [sample(images[0], objects=("wooden pot",))]
+    score_samples(pot, [inclusion])  # the class check passes for a non-COCO class
+    assert list(inclusion.score(pot, [Image.open(images[0]).convert("RGB")])["inclusion"]) == [1.0]
+    with torch.no_grad():
+        head.logit_shift.bias.fill_(-10.0)  # now nothing matches
+    assert list(inclusion.score(pot, [Image.open(images[0]).convert("RGB")])["inclusion"]) == [0.0]

@@ -58,6 +58,24 @@ def save_tiny_detr(out: str | Path, seed: int = 0, labels: tuple[str, ...] = COC
     return _save(out, DetrForObjectDetection(config), processor)
 
 
+def save_tiny_owlvit(out: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """An OwlViTForObjectDetection + OwlViTProcessor folder (the open-vocabulary detector)."""
+    from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+
+    from compinv.models import clip_tokenizer
+
+    torch.manual_seed(seed)
+    config = OwlViTConfig(text_config=dict(_LAYERS, vocab_size=49408, max_position_embeddings=16),
+                          vision_config=dict(_LAYERS, image_size=image_size, patch_size=8),
+                          projection_dim=_LAYERS["hidden_size"])  # the class head's width
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = 16  # OWL-ViT's query length
+    square = {"height": image_size, "width": image_size}
+    processor = OwlViTProcessor(image_processor=OwlViTImageProcessor(size=square, crop_size=square),
+                                tokenizer=tokenizer)
+    return _save(out, OwlViTForObjectDetection(config), processor)
+
+
 def _save(out: str | Path, model, processor=None) -> Path:
     out = Path(out)
     with staged_folder(out) as staging:
