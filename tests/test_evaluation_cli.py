@@ -241,3 +241,21 @@ def test_benchmark_sharded_over_two_processes_with_accelerate_launch(world, tmp_
     for folder in records:
         assert ((tmp_path / "two" / folder / "0000.png").read_bytes()
                 == (tmp_path / "one" / folder / "0000.png").read_bytes())
+
+
+def test_benchmark_checks_detector_classes_before_generating(world, tmp_path, capsys):
+    small = save_tiny_detr(tmp_path / "detr-small", labels=("person", "cat"))
+    out = tmp_path / "b"
+    line = cli_error(capsys, ["benchmark", "--model", str(world["model"]), "--concept",
+                              str(world["vanilla"]), "--variants", "baseline", "--num-objects", "2",
+                              *FAST, "--metrics", "detector", "--detector", str(small),
+                              "--out", str(out)])
+    assert f"--detector {small} has no class 'bicycle'" in line
+    assert not list(out.glob("images/*/*/*.png"))  # refused before any image was generated
+
+
+def test_pairs_only_needs_pairs(world, tmp_path, capsys):
+    line = cli_error(capsys, ["benchmark", "--model", str(world["model"]), "--concept",
+                              str(world["vanilla"]), "--variants", "baseline", "--pairs-only",
+                              "--out", str(tmp_path / "b")])
+    assert "--pairs-only leaves no prompt without --pairs" in line

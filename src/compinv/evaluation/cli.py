@@ -65,7 +65,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
     config = BenchmarkConfig(
         model=args.model, runs=args.concept, semantic_runs=args.semantic_runs, out=args.out,
         variants=args.variants, objects=args.objects, num_objects=args.num_objects,
-        background=args.background or ["barn"], pairs=args.pairs, images_per_prompt=args.images_per_prompt,
+        background=args.background or ["barn"], pairs=args.pairs, pairs_only=args.pairs_only,
+        images_per_prompt=args.images_per_prompt,
         seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
         scheduler=args.scheduler, height=args.height, width=args.width,
         save_attention=args.save_attention, guided_steps=args.guided_steps,
@@ -118,6 +119,9 @@ def add_evaluation_commands(sub) -> None:
                        help="class word of a background concept: '<class> in front of <concept>' "
                             "(default: barn); repeatable")
     bench.add_argument("--pairs", action="store_true", help="also every two concepts, both orders")
+    bench.add_argument("--pairs-only", action="store_true",
+                       help="with --pairs: only the two-concept prompts (their class words are "
+                            "rarely COCO classes: score them with an open-vocabulary --detector)")
     bench.add_argument("--images-per-prompt", type=int, default=5)
     bench.add_argument("--seed", type=int, default=8888, help="image i of every prompt uses seed + i")
     bench.add_argument("--steps", type=int, default=50)

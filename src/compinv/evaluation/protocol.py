@@ -131,6 +131,7 @@ class BenchmarkConfig:
     num_objects: int | None = None
     background: list[str] = field(default_factory=lambda: ["barn"])
     pairs: bool = False
+    pairs_only: bool = False  # with `pairs`: leave out the single-concept prompts
     images_per_prompt: int = 5
     seed: int = 8888
     steps: int = 50
@@ -173,6 +174,8 @@ class BenchmarkConfig:
             if value is not None and value < low:
                 raise CompinvError(f"`{name}` {value}: must be at least {low}")
         check_scheduler_name(self.scheduler)
+        if self.pairs_only and not self.pairs:
+            raise CompinvError("`pairs_only` leaves no prompt without `pairs`: add it")
         if set(self.variants) & GUIDED_VARIANTS:
             self.guidance().validated(self.steps)
         return self
@@ -208,7 +211,7 @@ def protocol_prompts(cfg: BenchmarkConfig, concepts: Sequence[Concept]) -> list[
         raise CompinvError(f"`objects` {cfg.objects}: the file lists no class")
     objects = objects[: cfg.num_objects or len(objects)]
     prompts = [p for c in concepts for p in single_prompts(c, objects, c.class_word in cfg.background)]
-    return prompts + (pair_prompts(concepts) if cfg.pairs else [])
+    return ([] if cfg.pairs_only else prompts) + (pair_prompts(concepts) if cfg.pairs else [])
 
 
 def plan(cfg: BenchmarkConfig) -> list[Job]:
@@ -349,9 +352,13 @@ def benchmark(config: BenchmarkConfig, metrics=None, report: bool = True) -> Pat
     # Accelerator reads ACCELERATE_USE_CPU itself; PartialState only when told (CPU processes).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out = Path(cfg.out)
+    built = None
     if state.is_main_process:
         ensure_writable_dir(out, "out")
         check_settings(cfg, out)
+        if metrics is not None:  # a missing model or a class the detector lacks: say so now,
+            built = metrics.build()  # not after hours of generation
+            check_planned(jobs, built)
         atomic_write_text(out / SETTINGS_FILE, json.dumps(
             {"settings": cfg.settings(), "config": asdict(cfg), "jobs": len(jobs)}, indent=2))
     state.wait_for_everyone()
@@ -359,18 +366,30 @@ def benchmark(config: BenchmarkConfig, metrics=None, report: bool = True) -> Pat
     log.info("benchmark: %d jobs, %d left for process %d", len(jobs), len(mine), state.process_index)
     run_jobs(cfg, mine, out, state.device, state.process_index)
     state.wait_for_everyone()
-    if state.is_main_process and metrics is not None:
-        evaluate_benchmark(out, jobs, metrics, report)
+    if built is not None:
+        evaluate_benchmark(out, jobs, built, report)
     return out
 
 
+def check_planned(jobs: Sequence[Job], metrics) -> None:
+    """The metrics' input checks on the prompts about to be generated."""
+    from compinv.evaluation.metrics import check_inputs
+    from compinv.evaluation.samples import Sample
+
+    planned = [Sample(image=Path(job.folder), prompt=job.prompt.text, plain_prompt=job.prompt.plain,
+                      variant=job.variant, objects=job.prompt.objects,
+                      concepts=tuple(c.token for c in job.prompt.concepts)) for job in jobs]
+    for metric in metrics:
+        check_inputs(metric, planned)
+
+
 def evaluate_benchmark(out: Path, jobs: Sequence[Job], metrics, report: bool = True) -> dict:
-    """Score every job's images and write evaluation.csv/json (+ report.html)."""
+    """Score every job's images with the loaded `metrics`; write evaluation.csv/json (+ report.html)."""
     from compinv.evaluation.evaluate import score_samples, write_evaluation
     from compinv.evaluation.runs import run_samples
 
     samples = [s for job in jobs for s in run_samples(out / job.folder)]
-    evaluation = score_samples(samples, metrics.build())
+    evaluation = score_samples(samples, metrics)
     record = write_evaluation(evaluation, out)
     if report:
         from compinv.evaluation.report import write_report
