@@ -71,7 +71,8 @@ def test_evaluate_a_generation_run(world, generation, tmp_path, capsys):
     assert variant["images"] == 3 and variant["clip_t"]["n"] == 3
     assert "openai" not in record["metrics"]["clip_t"] and str(world["clip"]) in record["metrics"]["clip_t"]
     assert (out / "report.html").is_file()
-    assert "wrote evaluation.csv" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote evaluation.csv" in printed and "±" in printed and "nan" not in printed
 
 
 def test_evaluate_a_folder_with_prompts(world, generation, tmp_path):

@@ -52,11 +52,17 @@ def _summary_lines(record: dict) -> str:
     columns = record["columns"]
     lines = ["variant".ljust(16) + "".join(c.rjust(16) for c in columns)]
     for v in record["per_variant"]:
-        cells = "".join((f"{v[c]['mean']:.3f}±{v[c]['ci']:.3f}" if v[c]["ci"] is not None
-                         else f"{v[c]['mean']}" if v[c]["mean"] is not None else "-").rjust(16)
-                        for c in columns)
+        cells = "".join(_cell(v[c]).rjust(16) for c in columns)
         lines.append(v["variant"][:15].ljust(16) + cells)
     return "\n".join(lines)
+
+
+def _cell(stat: dict) -> str:
+    """mean±ci, the mean alone for one image, '-' for nothing scored (None or NaN)."""
+    mean, ci = stat["mean"], stat["ci"]
+    if mean is None or mean != mean:
+        return "-"
+    return f"{mean:.3f}" if ci is None or ci != ci else f"{mean:.3f}±{ci:.3f}"
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
