@@ -13,6 +13,7 @@ from pathlib import Path
 
 from compinv.config import GenerateConfig
 from compinv.errors import CompinvError
+from compinv.evaluation.cli import add_evaluation_commands
 from compinv.options import add_arguments, build_config, flag_for
 from compinv.toy.cli import add_toy_commands
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     add_toy_commands(sub)
+    add_evaluation_commands(sub)
     return parser
 
 

@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = meta.pop("help")
         names = [flag_for(f.name), *meta.pop("aliases", [])]
         tp = _base_type(hints[f.name])
+        if tp is bool and f.name.startswith("no_"):
+            # BooleanOptionalAction stores False for any flag spelled --no-…, so --no-anchor
+            # would silently keep the anchor: a negative option is a plain switch.
+            parser.add_argument(*names, dest=f.name, default=None, action="store_const",
+                                const=True, help=help_text)
+            continue
         if tp is bool:
             parser.add_argument(*names, dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
