@@ -28,6 +28,10 @@ class GuidanceConfig:
     the denoising loop and each guided step iterates `while loss > threshold`, so the first step
     whose last loss meets the threshold is the last step guided at all. `"per-step"` restarts
     every guided step with at least one iteration (more guidance, more cost).
+
+    `proposal_steps` and `proposal_threshold` are used by `layout="anchor"` only: how many
+    first denoising steps (at most all) the anchor prompt runs to propose the boxes, and the
+    share of a phrase's peak attention a cell needs to be in its box (compinv.spatial.propose).
     """
 
     loss_scale: float = 30.0
@@ -37,6 +41,8 @@ class GuidanceConfig:
     attention_blocks: tuple[str, ...] | None = None
     heads: str = "all"
     stop_rule: str = "official"
+    proposal_steps: int = 10
+    proposal_threshold: float = 0.5
 
     def validated(self, num_inference_steps: int) -> GuidanceConfig:
         """Reject settings that cannot work for a run of `num_inference_steps` steps."""
@@ -51,6 +57,9 @@ class GuidanceConfig:
                 or self.loss_scale <= 0 or self.loss_threshold < 0:
             raise CompinvError(f"loss scale {self.loss_scale} must be > 0 and loss threshold "
                                f"{self.loss_threshold} >= 0")
+        if self.proposal_steps < 1 or not 0.0 < self.proposal_threshold < 1.0:
+            raise CompinvError(f"proposal steps {self.proposal_steps} must be >= 1 and proposal "
+                               f"threshold {self.proposal_threshold} in (0, 1)")
         if self.heads not in HEAD_MODES:
             raise CompinvError(f"heads {self.heads!r}: use one of {', '.join(HEAD_MODES)}")
         if self.stop_rule not in STOP_RULES:
