@@ -295,6 +295,24 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
         return [[box_from_heat(maps[k], config.proposal_threshold) for k in range(len(maps))]
                 for maps in heat]
 
+    def propose_layouts(self, prompts: list[str], phrases: list[list[str]],
+                        anchors: Mapping[str, str] | None = None, num_inference_steps: int = 50,
+                        guidance_scale: float = 7.5, generator=None, height: int | None = None,
+                        width: int | None = None, guidance: GuidanceConfig | None = None,
+                        ) -> list[Layout]:
+        """What layout="anchor" would guide each prompt with, without generating: one Layout
+        per prompt (one image each). Used to harvest training layouts for a layout model."""
+        config = (guidance or GuidanceConfig()).validated(num_inference_steps)
+        anchors = dict(getattr(self, "concept_anchors", {}) if anchors is None else anchors)
+        check_anchors(list(prompts) + [p for ps in phrases for p in ps],
+                      set(getattr(self.tokenizer, "added_tokens_encoder", {})), anchors)
+        arguments = dict(latents=None, generator=generator, height=height, width=width,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         negative_prompt=None)
+        boxes = self._propose(arguments, list(range(len(prompts))), list(prompts),
+                              [list(p) for p in phrases], anchors, config)
+        return [resolve_layout([(p, b) for p, b in zip(ps, image)]) for ps, image in zip(phrases, boxes)]
+
     def propose_attention(self, prompts: list[str], phrases: list[list[str]], stop, blocks=None,
                           **kwargs) -> list[list[torch.Tensor]]:
         """Each image's phrases' attention heat-maps [H, W] over the steps run before `stop`

@@ -19,9 +19,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from compinv.artifacts import save_tensors
 from compinv.errors import CompinvError
 from compinv.spatial.layout import Box
 
@@ -90,7 +91,7 @@ def box_to_params(box: Box) -> torch.Tensor:
 
 def save_layout_model(model: LayoutPredictor, folder: Path, extra: dict) -> None:
     """Write the weights and the JSON config into `folder` (an existing, staged folder)."""
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_tensors({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps({**model.config(), **extra}, indent=2))
 
 

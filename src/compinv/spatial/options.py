@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from compinv.errors import CompinvError
+from compinv.options import option
 
 HEAD_MODES = ("all", "official")
 STOP_RULES = ("official", "per-step")
@@ -65,4 +67,41 @@ class GuidanceConfig:
         if self.stop_rule not in STOP_RULES:
             raise CompinvError(f"stop rule {self.stop_rule!r}: use one of {', '.join(STOP_RULES)} "
                                "(`guidance_stop`)")
+        return self
+
+
+@dataclass
+class LayoutTrainConfig:
+    """Settings of `compinv train layout`."""
+
+    model: str = option(None, "diffusers pipeline folder the layouts are harvested from, or "
+                              "'toy' for the shipped toy model")
+    prompts: str = option("auto", "text file, one prompt per line with the phrases in [brackets] "
+                                  "('a [cat] and a [dog] on grass'), or 'auto'")
+    out: str = option(None, "folder for layout_model.safetensors and layout_model.json")
+    num_prompts: int = option(256, "prompts drawn for 'auto'")
+    samples_per_prompt: int = option(4, "initial noises (layouts) harvested per prompt")
+    max_phrases: int = option(2, "phrases the model can place")
+    steps: int = option(25, "denoising steps of the proposal schedule")
+    proposal_steps: int = option(10, "first steps whose attention proposes the boxes")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale of the proposal")
+    resolution: int = option(None, "image size of the proposal (default: the model's)")
+    scheduler: str = option("model", "scheduler of the proposal (see `compinv generate --scheduler`)")
+    epochs: int = option(400, "full passes of the fit over the harvested layouts")
+    lr: float = option(3e-3, "Adam learning rate of the fit")
+    batch_size: int = option(32, "prompts per proposal batch")
+    seed: int = option(0, "seed of the prompts, noises and initial weights")
+
+    def resolved(self) -> LayoutTrainConfig:
+        for name in ("model", "out"):
+            if not getattr(self, name):
+                raise CompinvError(f"`{name}` is required")
+        for name in ("num_prompts", "samples_per_prompt", "max_phrases", "steps", "proposal_steps",
+                     "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CompinvError(f"`{name}` {getattr(self, name)}: must be >= 1")
+        if self.proposal_steps > self.steps:
+            raise CompinvError(f"`proposal_steps` {self.proposal_steps}: at most `steps` ({self.steps})")
+        if self.prompts != "auto" and not Path(self.prompts).is_file():
+            raise CompinvError(f"`prompts` {self.prompts}: no such file; give a text file or 'auto'")
         return self

@@ -62,6 +62,6 @@ def check_anchors(texts: Sequence[str], added_tokens: set[str], anchors: Mapping
         for word in text.split():
             base = re.sub(r"_\d+$", "", word)
             if word in added_tokens and base not in anchors:
-                raise CompinvError(f"`anchors`: concept token {base!r} has no anchor word; pass "
-                                   f"anchors={{{base!r}: 'its class word'}} (load_concepts and "
-                                   "`compinv generate --concept` read it from the run)")
+                raise CompinvError(f"`anchors`: concept token {base!r} has no anchor word; give it "
+                                   f"as {base}=WORD (in Python {{{base!r}: 'cat'}}), or load the "
+                                   "concept from its run folder, which records it")
