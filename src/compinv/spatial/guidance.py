@@ -13,6 +13,9 @@ the loss reads. Whether a step that met the threshold also ends guidance for the
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,6 +172,28 @@ def guided_pass(unet, recorder: AttentionRecorder, model_input: torch.Tensor, ti
     return recorder.take()
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed by a guidance step's graph back to the system.
+
+    glibc keeps freed heap memory for reuse, but the plain steps and the VAE decode that follow
+    allocate differently sized blocks, so on the mid benchmark model the freed graph stayed
+    resident (about 50 MB) on top of the decode's peak. Trimming after each guided step costs
+    well under a millisecond per step. A no-op where glibc is not the C library.
+    """
+    trim = _malloc_trim() if not torch.cuda.is_initialized() else None
+    if trim is not None:
+        trim(0)
+
+
 class GuidedStep(NamedTuple):
     """What one guided denoising step did.
 
@@ -226,4 +251,5 @@ def guide_step(unet, scheduler, recorder: AttentionRecorder, latents: torch.Tens
         done[rows[met]] = True
         running[rows[met]] = False
     guided = (torch.ones(len(latents), dtype=torch.bool) if active is None else active.cpu())
+    release_freed_memory()
     return GuidedStep(latents, losses, bool(done[guided].all()), image_losses, done)
