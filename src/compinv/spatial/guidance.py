@@ -157,8 +157,16 @@ def check_scheduler(scheduler) -> None:
 
 def guided_pass(unet, recorder: AttentionRecorder, model_input: torch.Tensor, timestep,
                 cond_embeds: torch.Tensor, cross_attention_kwargs: dict | None) -> dict[str, torch.Tensor]:
-    """Run the UNet only as far as the last recorded map; return the maps with their graph."""
+    """Run the UNet only as far as the last recorded map; return the maps with their graph.
+
+    The UNet's parameters are frozen for the pass (and restored after): the loss is
+    differentiated w.r.t. the latents only, and with trainable weights autograd would also
+    keep every linear layer's input for a weight gradient nobody asks for.
+    """
     previous_mode, recorder.mode = recorder.mode, "guide"
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
     try:
         unet(model_input, timestep, encoder_hidden_states=cond_embeds,
              cross_attention_kwargs=cross_attention_kwargs, return_dict=False)
@@ -169,6 +177,8 @@ def guided_pass(unet, recorder: AttentionRecorder, model_input: torch.Tensor, ti
         raise
     finally:
         recorder.mode = previous_mode
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return recorder.take()
 
 
