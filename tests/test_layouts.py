@@ -260,3 +260,10 @@ def test_cli_bad_layout_flags(tiny_model, tmp_path, capsys, flags, message):
                               *CLI_QUICK, *flags])
     assert message in line
     assert not (tmp_path / "bad").exists()
+
+
+def test_attention_mass_is_the_mean_probability_on_each_phrase(pipe):
+    out = pipe("a cat and a dog", phrases=["cat", "dog"], return_attention=True,
+               generator=_seeds(1)[0], **FAST)
+    (masses,) = out.image_attention_mass
+    assert all(0 < m < 1 for m in masses) and masses[0] != masses[1]

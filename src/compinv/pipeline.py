@@ -71,7 +71,9 @@ class CompositionalPipelineOutput(StableDiffusionPipelineOutput):
     image_guidance_losses: the same per image, [image][step][iteration] (an image's list ends
     with its own first step that met the threshold); attention_maps: per phrase, its
     cross-attention over the image, [batch, height, width] in [0, 1] (zeros for an image whose
-    layout lacks the phrase).
+    layout lacks the phrase); image_attention_maps / image_attention_mass: per image, each of
+    its phrases' map and mean attention probability (over steps, recorded layers, the phrase's
+    tokens and the image), in the order of its layout; their ratios are the phrases' shares.
     """
 
     layout: Layout | None = None
@@ -80,6 +82,7 @@ class CompositionalPipelineOutput(StableDiffusionPipelineOutput):
     layouts: list[Layout] | None = None
     image_guidance_losses: list[list[list[float]]] | None = None
     image_attention_maps: list[list[torch.Tensor]] | None = None
+    image_attention_mass: list[list[float]] | None = None
 
 
 @dataclass
@@ -410,8 +413,8 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
         if per_image is not None:
             height, width = session.image_size
             names = list(dict.fromkeys(p for image in per_image for p in image))
-            maps = {p: torch.stack([image.get(p, torch.zeros(height, width)) for image in per_image])
-                    for p in names}
+            maps = {p: torch.stack([image[p][0] if p in image else torch.zeros(height, width)
+                                    for image in per_image]) for p in names}
         guided = any(boxes for plan in plans for _, boxes in plan)  # else phrases only looked at
         layouts = plans if guided else None
         layout = plans[0] if guided and all(plan == plans[0] for plan in plans) else None
@@ -422,12 +425,14 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
             images=images, nsfw_content_detected=nsfw, layout=layout, guidance_losses=losses,
             attention_maps=maps, layouts=layouts,
             image_guidance_losses=session.image_losses if guided else None,
-            image_attention_maps=([list(image.values()) for image in per_image]
+            image_attention_maps=([[m for m, _ in image.values()] for image in per_image]
+                                  if per_image is not None else None),
+            image_attention_mass=([[w for _, w in image.values()] for image in per_image]
                                   if per_image is not None else None))
 
-    def _heat_maps(self, session: _Session) -> list[dict[str, torch.Tensor]]:
+    def _heat_maps(self, session: _Session) -> list[dict[str, tuple[torch.Tensor, float]]]:
         """Per image, each phrase's attention averaged over steps, recorded layers and its
-        tokens, upsampled to the image and scaled to [0, 1]."""
+        tokens, upsampled to the image and scaled to [0, 1]; with its mean before scaling."""
         height, width = session.image_size
         sums = session.recorder.sums
         columns = {p: i for i, p in enumerate(session.recorder.columns)}
@@ -436,15 +441,17 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
         for b, targets in enumerate(session.targets.targets):
             maps = {}
             for target in targets:
-                layers = []
-                for total in sums.values():
+                layers, mass = [], []
+                for name, total in sums.items():
                     grid = map_grid(total.shape[1], latent_hw)
                     cols = [columns[p] for p in target.positions]
                     per_token = total[b, :, cols].mean(-1).unflatten(0, grid)
+                    mass.append(float(per_token.mean()) / session.recorder.counts[name])
                     layers.append(F.interpolate(per_token[None, None].float(), size=(height, width),
                                                 mode="bilinear", align_corners=False)[0, 0])
                 heat = torch.stack(layers).mean(0)
-                maps[target.phrase] = (heat / heat.max().clamp_min(1e-12)).cpu()
+                maps[target.phrase] = ((heat / heat.max().clamp_min(1e-12)).cpu(),
+                                       sum(mass) / len(mass))
             per_image.append(maps)
         return per_image
 

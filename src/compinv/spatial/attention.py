@@ -113,6 +113,7 @@ class AttentionRecorder:
         self.maps: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.columns: list[int] | None = None
+        self.counts: dict[str, int] = {}  # accumulated passes per layer
 
     def record(self, name: str, probs: torch.Tensor, num_heads: int) -> None:
         """Store `probs` [batch*heads, HW, T] of layer `name` according to the mode."""
@@ -128,6 +129,7 @@ class AttentionRecorder:
         else:
             mean = maps[self.batch_slice].mean(1).detach()
             self.sums[name] = self.sums[name] + mean if name in self.sums else mean
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def take(self) -> dict[str, torch.Tensor]:
         """The maps of the pass just run, in layer order; forget them (and their graph)."""
