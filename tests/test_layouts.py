@@ -267,3 +267,10 @@ def test_attention_mass_is_the_mean_probability_on_each_phrase(pipe):
                generator=_seeds(1)[0], **FAST)
     (masses,) = out.image_attention_mass
     assert all(0 < m < 1 for m in masses) and masses[0] != masses[1]
+
+
+def test_phrases_with_an_explicit_layout_and_unknown_layout_names_are_refused(pipe):
+    with pytest.raises(CompinvError, match="phrases= is only used with layout='auto', 'anchor'"):
+        pipe("a cat and a dog", layout=L1, phrases=["cat"], guidance=LIGHT, **FAST)
+    with pytest.raises(CompinvError, match="'auto', 'anchor' or 'learned'"):
+        pipe("a cat and a dog", layout="anchr", phrases=["cat"], guidance=LIGHT, **FAST)

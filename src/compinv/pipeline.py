@@ -252,7 +252,7 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
                 plans[i] = resolve_layout([(p, b) for p, b in zip(wanted[i], image_boxes)])
         for i, value in enumerate(layouts):
             if plans[i] is None:
-                plans[i] = resolve_layout(value, wanted[i] if value == "auto" else None)
+                plans[i] = resolve_layout(value, wanted[i] or None)
         return plans
 
     def _initial_noise(self, arguments: dict, num_images: int) -> torch.Tensor:
