@@ -9,6 +9,9 @@ iteration runs the whole UNet as the official code does; its latents must match 
     allowed iteration runs, 5 x 10, under either stopping rule) and early stop (threshold 1, met
     by the first iteration) under each stopping rule: official (that first step is the only one
     guided) and per-step (one iteration in each of the 10 guided steps);
+(d) per-image layouts: a batch of 8 images, each with its own layout, against the same batch
+    with one shared layout and against eight single-image calls (targets: <= 1.1x and <= 0.3x);
+    the three are interleaved and repeated in one process, medians reported;
 (c) peak memory: each end-to-end variant runs in a fresh subprocess that samples its resident
     set size (/proc/self/statm) every 2 ms; we report the peak above the RSS after the model
     was built (tracemalloc does not see torch's CPU allocations).
@@ -144,8 +147,49 @@ def iteration_costs(size: str, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in ms.items()}
 
 
-def bench_size(size: str, steps: int, reps: int, threads: int) -> dict:
+def _batch_layouts(n: int) -> list[dict]:
+    """n different two-box layouts (the cat left or right, at varying heights and widths)."""
+    layouts = []
+    for i in range(n):
+        shift, top = 0.05 * (i % 4), 0.1 * (i // 4)
+        left, right = (0.05 + shift, top, 0.45 + shift, top + 0.6), (0.55, 0.3 - top, 0.95, 0.9 - top)
+        layouts.append({"cat": left, "backpack": right} if i % 2 == 0
+                       else {"cat": right, "backpack": left})
+    return layouts
+
+
+def batch_costs(size: str, steps: int, reps: int, images: int = 8) -> dict:
+    """(d): seconds of one batched call with per-image layouts, with one shared layout, and of
+    `images` single-image calls; worst-case guidance (every allowed iteration runs)."""
+    pipe = _pipeline(size)
+    layouts = _batch_layouts(images)
+    guidance = GuidanceConfig(loss_threshold=0.0)
+    common = dict(num_inference_steps=steps, output_type="np", guidance=guidance)
+
+    def seeds(k: int = images, start: int = 0):
+        return [torch.Generator().manual_seed(start + i) for i in range(k)]
+
+    variants = {
+        "per_image_layouts": lambda: pipe([PROMPT] * images, layout=layouts, generator=seeds(), **common),
+        "shared_layout": lambda: pipe([PROMPT] * images, layout=layouts[0], generator=seeds(), **common),
+        "single_calls": lambda: [pipe(PROMPT, layout=layouts[i], generator=seeds(1, i)[0], **common)
+                                 for i in range(images)],
+    }
+    seconds = {k: [] for k in variants}
+    for _ in range(reps):  # interleaved, so load drifts hit all three alike
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    return {"images": images, "steps": steps, "reps": reps, "seconds": median, "all_seconds": seconds,
+            "per_image_over_shared": median["per_image_layouts"] / median["shared_layout"],
+            "per_image_over_single_calls": median["per_image_layouts"] / median["single_calls"]}
+
+
+def bench_size(size: str, steps: int, reps: int, threads: int, batch_steps: int, batch_reps: int) -> dict:
     costs = iteration_costs(size, reps)
+    batches = batch_costs(size, batch_steps, batch_reps)
     runs = {}
     for variant in VARIANTS:
         child = subprocess.run(
@@ -154,7 +198,7 @@ def bench_size(size: str, steps: int, reps: int, threads: int) -> dict:
         runs[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     plain = runs["plain"]
     return {
-        "size": size, "steps": steps, "ms": costs,
+        "size": size, "steps": steps, "ms": costs, "batch": batches,
         "iteration_in_cfg_steps": costs["guidance_iteration"] / costs["cfg_step"],
         "reference_iteration_in_cfg_steps": costs["reference_iteration"] / costs["cfg_step"],
         "runs": runs,
@@ -183,6 +227,15 @@ def _table(results: list[dict]) -> str:
         rows.append(f"| {r['size']} | {ms['cfg_step']:.1f} | {ms['guidance_iteration']:.1f} "
                     f"({r['iteration_in_cfg_steps']:.2f}) | {ms['reference_iteration']:.1f} "
                     f"({r['reference_iteration_in_cfg_steps']:.2f}) |")
+    rows.append("")
+    rows.append("| model | images x steps | per-image layouts s | shared layout s | 8 single calls s "
+                "| per-image / shared | per-image / single calls |")
+    rows.append("|---|---|---|---|---|---|---|")
+    for r in results:
+        b = r["batch"]
+        rows.append(f"| {r['size']} | {b['images']} x {b['steps']} | {b['seconds']['per_image_layouts']:.2f} "
+                    f"| {b['seconds']['shared_layout']:.2f} | {b['seconds']['single_calls']:.2f} "
+                    f"| {b['per_image_over_shared']:.2f} | {b['per_image_over_single_calls']:.2f} |")
     return "\n".join(rows)
 
 
@@ -192,6 +245,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reps", type=int, default=7, help="repetitions of each iteration timing")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-steps", type=int, default=12,
+                        help="denoising steps of the per-image-layout runs (the first 10 guided)")
+    parser.add_argument("--batch-reps", type=int, default=3, help="repetitions of the batch runs")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,7 +255,8 @@ def main() -> None:
         size, variant, steps = args.child
         print(json.dumps(run_variant(size, variant, int(steps))))
         return
-    results = [bench_size(s, args.steps, args.reps, args.threads) for s in args.sizes]
+    results = [bench_size(s, args.steps, args.reps, args.threads, args.batch_steps, args.batch_reps)
+               for s in args.sizes]
     print(_table(results))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"threads": args.threads, "results": results,

@@ -33,6 +33,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"learned {'embedding' if result.artifact.is_file() else 'weights'}: {result.artifact}")
 
 
+def _cmd_train_layout(args: argparse.Namespace) -> None:
+    from compinv.layout_training import train_layout_model
+    from compinv.spatial.options import LayoutTrainConfig
+
+    out = train_layout_model(build_config(LayoutTrainConfig, args, args.config))
+    print(f"layout model: {out} (use it with `compinv generate --layout learned --layout-model {out}`)")
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     from compinv.generate import generate
 
@@ -84,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         parser_.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
         add_arguments(parser_, method.config_class)
         parser_.set_defaults(func=_cmd_train)
+    from compinv.spatial.options import LayoutTrainConfig
+
+    layout = methods.add_parser("layout", help="learn a layout distribution from layouts the model "
+                                               "proposes (for --layout learned)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    layout.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
+    add_arguments(layout, LayoutTrainConfig)
+    layout.set_defaults(func=_cmd_train_layout)
 
     gen = sub.add_parser("generate", help="generate images with learned concepts")
     gen.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")

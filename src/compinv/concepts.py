@@ -10,6 +10,7 @@ equal the artifact's. Nothing here imports the training loop.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from compinv.errors import CompinvError
@@ -43,4 +44,28 @@ def load_concepts(pipe, runs: str | Path | list[str | Path]) -> list[str]:
                                "change the same weights and cannot be combined. Train the "
                                "concepts together with a concepts file")
     found.sort(key=lambda item: not item[1].first)  # a whole model goes in first
-    return [token for run, reader, marker in found for token in reader.load(pipe, marker, run)]
+    tokens = [token for run, reader, marker in found for token in reader.load(pipe, marker, run)]
+    anchors = dict(getattr(pipe, "concept_anchors", None) or {})
+    for run, _, marker in found:
+        anchors.update(concept_anchors(run if run.is_dir() else marker.parent))
+    pipe.concept_anchors = anchors  # layout="anchor"/"learned" replace each token by its anchor
+    return tokens
+
+
+def concept_anchors(run: str | Path) -> dict[str, str]:
+    """{token: anchor word} recorded in a run's config.json (the anchor, else the class word,
+    else the init word); {} when the run has no config.json (a bare embedding file)."""
+    path = Path(run) / "config.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    specs = record.get("concept_list") or [record]
+    anchors = {}
+    for spec in specs:
+        word = spec.get("anchor_word") or spec.get("class_word") or spec.get("init_word")
+        if spec.get("token") and word:
+            anchors[spec["token"]] = word
+    return anchors

@@ -334,6 +334,7 @@ _GENERATE_RANGES = (
     ("guidance_scale", 0.0, 1000.0, True, True), ("seed", 0, 2**32 - 1, True, True),
     ("loss_scale", 0.0, 1e6, False, True), ("loss_threshold", 0.0, 1e6, True, True),
     ("max_iterations", 1, 100, True, True), ("guided_steps", 0, 1000, True, True),
+    ("layout_temperature", 0.0, 10.0, True, True), ("proposal_steps", 1, 1000, True, True),
 )
 
 
@@ -361,8 +362,22 @@ class GenerateConfig:
     box: list[str] = option([], "layout guidance: 'PHRASE=x0,y0,x1,y1' puts PHRASE of the prompt "
                                 "in that box (fractions of width/height; several boxes: "
                                 "'PHRASE=BOX+BOX'); repeatable", action="append")
-    layout: str = option(None, "'auto': place the --phrase phrases side by side, left to right "
-                               "(two: the official boxes)", choices=["auto"])
+    layout: str = option(None, "place the --phrase phrases: 'auto' side by side, left to right "
+                               "(two: the official boxes); 'anchor' where the model's early "
+                               "attention puts them (concept tokens replaced by their anchor "
+                               "words); 'learned' sampled per image from --layout-model",
+                         choices=["auto", "anchor", "learned"])
+    layout_model: str = option(None, "layout model for --layout learned: a `compinv train layout` "
+                                     "folder or 'toy' (shipped, for the toy model)")
+    layout_temperature: float = option(1.0, "--layout learned: 0 = the most typical layout, "
+                                            "1 = the learned spread, more = more diverse")
+    proposal_steps: int = option(GuidanceConfig.proposal_steps, "--layout anchor: the first N "
+                                 "steps whose attention proposes the boxes")
+    anchors: list[str] = option([], "--layout anchor/learned: 'TOKEN=WORDS', the anchor words of a "
+                                    "concept token loaded with --embeddings (a --concept run "
+                                    "records its own); repeatable", action="append")
+    save_layout: bool = option(False, "also write each image with its layout's boxes drawn, "
+                                      "as layout-IMAGE.png")
     phrase: list[str] = option([], "a phrase of the prompt for --layout auto or --save-attention; "
                                    "repeatable", action="append")
     save_attention: bool = option(False, "write each phrase's cross-attention heat-map over the "
@@ -399,7 +414,7 @@ class GenerateConfig:
         if self.box and self.layout:
             raise CompinvError("`box` and `layout` auto exclude each other; give boxes or 'auto'")
         if self.layout and not self.phrase:
-            raise CompinvError("`layout` auto needs the phrases to place: add `phrase` WORDS for each")
+            raise CompinvError(f"`layout` {self.layout} needs the phrases to place: add `phrase` WORDS for each")
         if self.phrase and not (self.layout or self.save_attention):
             raise CompinvError("`phrase` is used with `layout` auto or `save_attention`; "
                                "with `box` the phrases are named in the boxes")
@@ -411,6 +426,17 @@ class GenerateConfig:
             from compinv.spatial.layout import parse_box_flag, resolve_layout
 
             resolve_layout([_parsed_box(parse_box_flag, spec) for spec in self.box])
+        if self.layout_model and self.layout != "learned":
+            raise CompinvError("`layout_model` is used with `layout` learned only")
+        if self.layout == "learned" and not self.layout_model:
+            raise CompinvError("`layout` learned needs `layout_model`: a `compinv train layout` "
+                               "folder, or 'toy' for the shipped toy model")
+        for spec in self.anchors:
+            token, sep, words = spec.partition("=")
+            if not sep or not token.strip() or not words.strip():
+                raise CompinvError(f"`anchors` {spec!r}: write TOKEN=WORDS, e.g. '<cute-cat>=cat'")
+        if self.save_layout and not (self.box or self.layout):
+            raise CompinvError("`save_layout` needs a layout: `box` or `layout`")
         if self.box or self.layout:
             self.guidance().validated(self.steps)
         return self
@@ -421,7 +447,8 @@ class GenerateConfig:
             loss_scale=self.loss_scale, loss_threshold=self.loss_threshold,
             max_iterations=self.max_iterations, guided_steps=self.guided_steps,
             attention_blocks=tuple(self.attention_block) or None,
-            heads="official" if self.official_heads else "all", stop_rule=self.guidance_stop)
+            heads="official" if self.official_heads else "all", stop_rule=self.guidance_stop,
+            proposal_steps=self.proposal_steps)
 
 
 def __getattr__(name: str) -> Any:

@@ -56,8 +56,15 @@ def _layout_request(cfg: GenerateConfig) -> dict:
     if cfg.box:
         request = {"layout": resolve_layout([parse_box_flag(spec) for spec in cfg.box]),
                    "guidance": cfg.guidance()}
-    elif cfg.layout:
+    elif cfg.layout == "auto":
         request = {"layout": resolve_layout(cfg.layout, cfg.phrase), "guidance": cfg.guidance()}
+    elif cfg.layout:
+        request = {"layout": cfg.layout, "phrases": cfg.phrase, "guidance": cfg.guidance()}
+        if cfg.layout == "learned":
+            from compinv.spatial.layout_model import load_layout_model
+
+            request.update(layout_model=load_layout_model(cfg.layout_model),
+                           layout_temperature=cfg.layout_temperature)
     else:
         request = {"phrases": cfg.phrase} if cfg.phrase else {}
     if cfg.save_attention:
@@ -70,7 +77,10 @@ def _generate(cfg: GenerateConfig, out: Path, layout: dict) -> list[Path]:
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, cfg.scheduler)
     tokens = load_concepts(pipe, cfg.concept) + load_embeddings(pipe, cfg.embeddings)
-    paths, losses, heat_maps, resolved = [], [], [], None
+    if cfg.anchors:
+        pipe.concept_anchors = {**getattr(pipe, "concept_anchors", {}),
+                                **dict(_anchor_flag(spec) for spec in cfg.anchors)}
+    paths, losses, heat_maps, layouts, pictures = [], [], [], [], []
     for i in range(cfg.num_images):
         generator = torch.Generator(device=pipe.device).manual_seed(cfg.seed + i)
         result = pipe(
@@ -81,17 +91,24 @@ def _generate(cfg: GenerateConfig, out: Path, layout: dict) -> list[Path]:
         image = result.images[0]
         paths.append(save_image(image, out / f"{i:04d}.png"))
         if layout:
-            resolved = result.layout
-            losses.append(result.guidance_losses)
+            if result.layouts:
+                layouts.append(result.layouts[0])
+                losses.append(result.guidance_losses)
             heat_maps += _save_heat_maps(image, result, out, i)
+            if cfg.save_layout:
+                picture = layout_picture(image, result.layouts[0] if result.layouts else [])
+                pictures.append(save_image(picture, out / f"layout-{i:04d}.png"))
     record = {
         "config": {k: v for k, v in vars(cfg).items()},
         "tokens_loaded": tokens,
         "scheduler": type(pipe.scheduler).__name__,
         "images": [p.name for p in paths],
-        "layout": layout_to_json(resolved) if resolved else None,
-        "guidance_losses": losses if resolved else None,
+        "layout": (layout_to_json(layouts[0]) if layouts and all(x == layouts[0] for x in layouts)
+                   else None),
+        "layouts": [layout_to_json(x) for x in layouts] if layouts else None,
+        "guidance_losses": losses if layouts else None,
         "attention_maps": [p.name for p in heat_maps],
+        "layout_pictures": [p.name for p in pictures],
         "versions": library_versions(),
     }
     atomic_write_text(out / "generation.json", json.dumps(record, indent=2))
@@ -102,13 +119,37 @@ def _save_heat_maps(image: Image.Image, result, out: Path, index: int) -> list[P
     """attention-<image>-<phrase>.png for each phrase, when attention maps were asked for."""
     if not result.attention_maps:
         return []
-    boxes = dict(result.layout or [])
+    boxes = dict(result.layouts[0] if result.layouts else [])
     paths = []
     for k, (phrase, heat) in enumerate(result.attention_maps.items()):
         picture = heat_map_picture(image, heat[0].numpy(), boxes.get(phrase, ()))
         slug = "".join(c if c.isalnum() else "-" for c in phrase).strip("-") or str(k)
         paths.append(save_image(picture, out / f"attention-{index:04d}-{k}-{slug}.png"))
     return paths
+
+
+def _anchor_flag(spec: str) -> tuple[str, str]:
+    token, _, words = spec.partition("=")
+    return token.strip(), " ".join(words.split())
+
+
+LAYOUT_COLOURS = ((255, 60, 60), (60, 200, 255), (255, 220, 0), (120, 255, 120), (255, 120, 255))
+
+
+def layout_picture(image: Image.Image, layout, scale: int = 0) -> Image.Image:
+    """The image with each phrase's boxes outlined in its own colour and labelled; small images
+    are enlarged (nearest neighbour) so the labels stay readable."""
+    picture = image.convert("RGB")
+    scale = scale or max(1, 256 // max(picture.size))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(picture)
+    w, h = picture.size
+    for k, (phrase, boxes) in enumerate(layout):
+        colour = LAYOUT_COLOURS[k % len(LAYOUT_COLOURS)]
+        for x0, y0, x1, y1 in boxes:
+            draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=colour, width=2)
+            draw.text((x0 * w + 3, y0 * h + 2), phrase, fill=colour)
+    return picture
 
 
 def heat_map_picture(image: Image.Image, heat: np.ndarray, boxes: tuple[Box, ...] = ()) -> Image.Image:

@@ -99,6 +99,9 @@ class AttentionRecorder:
     Modes: "off" (processors pass through), "guide" (keep each layer's per-head maps with their
     graph, raise StopForward after `stop_after`), "accumulate" (sum head-averaged maps of the
     conditional half of the batch over denoising steps, for heat-maps).
+
+    `columns`: the token positions anyone reads (None: all); only those are kept, so a pass
+    holds [batch, heads, HW, len(columns)] per layer, not every token's map.
     """
 
     def __init__(self, layers: Sequence[str], heads: str = "all"):
@@ -109,10 +112,14 @@ class AttentionRecorder:
         self.batch_slice = slice(None)
         self.maps: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}
+        self.columns: list[int] | None = None
+        self.counts: dict[str, int] = {}  # accumulated passes per layer
 
     def record(self, name: str, probs: torch.Tensor, num_heads: int) -> None:
         """Store `probs` [batch*heads, HW, T] of layer `name` according to the mode."""
         maps = probs.unflatten(0, (-1, num_heads))
+        if self.columns is not None:
+            maps = maps[..., self.columns]
         if self.heads == "official":
             maps = maps[:, num_heads // 2 :]  # the official batch-chunk quirk: 4 of 8 heads
         if self.mode == "guide":
@@ -122,6 +129,7 @@ class AttentionRecorder:
         else:
             mean = maps[self.batch_slice].mean(1).detach()
             self.sums[name] = self.sums[name] + mean if name in self.sums else mean
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def take(self) -> dict[str, torch.Tensor]:
         """The maps of the pass just run, in layer order; forget them (and their graph)."""

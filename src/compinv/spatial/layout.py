@@ -70,13 +70,13 @@ def resolve_layout(layout: LayoutLike, phrases: Sequence[str] | None = None) -> 
     """Normalise a mapping, a list of (phrase, boxes) pairs, or "auto" with `phrases`."""
     if isinstance(layout, str):
         if layout != "auto":
-            raise CompinvError(f"layout {layout!r}: give a mapping phrase -> boxes, or 'auto' "
-                               "with phrases=[...]")
+            raise CompinvError(f"layout {layout!r}: give a mapping phrase -> boxes, or 'auto', "
+                               "'anchor' or 'learned' with phrases=[...]")
         pairs = list(zip(phrases or [], ((b,) for b in auto_boxes(len(phrases or [])))))
     else:
         if phrases:
-            raise CompinvError("phrases= is only used with layout='auto'; an explicit layout "
-                               "names its phrases itself")
+            raise CompinvError("phrases= is only used with layout='auto', 'anchor' or 'learned'; "
+                               "an explicit layout names its phrases itself")
         items = layout.items() if isinstance(layout, Mapping) else layout
         pairs = [(str(p), _boxes(v, str(p))) for p, v in items]
     seen: dict[str, str] = {}
