@@ -36,11 +36,12 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> None:
     from compinv.toy.classifier import load_classifier
     from compinv.toy.model import load_toy_model
 
-    scores = evaluate_toy_model(load_toy_model(args.model), load_classifier(), args.n, args.seed)
+    scores = evaluate_toy_model(load_toy_model(args.model), load_classifier(), args.n, args.seed,
+                                block_padding=args.block_padding)
     for key, value in scores.items():
         print(f"{key:<14}{value:.3f}" if isinstance(value, float) else f"{key:<14}{value}")
     if args.out:
-        atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", **scores}, indent=2))
+        atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", "block_padding": args.block_padding, **scores}, indent=2))
 
 
 def _cmd_write_concepts(args: argparse.Namespace) -> None:
@@ -86,7 +87,12 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     evaluate.add_argument("--n", type=int, default=400, help="held-out captions, one image each")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--block-padding", action="store_true",
+                          help="cross-attention ignores the padding after <|endoftext|> (renormalised "
+                               "over the rest): does the model read its words or a pooled summary?")
     evaluate.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    evaluate.add_argument("--block-padding", action="store_true",
+                          help="cross-attention ignores the padding after <|endoftext|> (does the model read its words?)")
     evaluate.set_defaults(func=_cmd_evaluate_model)
 
     concepts = commands.add_parser("write-concepts", help="write the 3 toy concepts, 5 images each")
