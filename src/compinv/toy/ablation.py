@@ -9,7 +9,6 @@ intervals), so that the demo shows exactly what the benchmark measures.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from diffusers import StableDiffusionPipeline
 
 from compinv.concepts import load_concepts
 from compinv.methods import METHODS as REGISTRY
-from compinv.diagnostics import padding_blocked
 from compinv.diagnostics import padding_blocked
 from compinv.models import load_pipeline
 from compinv.pipeline import CompositionalStableDiffusionPipeline

@@ -91,8 +91,6 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="cross-attention ignores the padding after <|endoftext|> (renormalised "
                                "over the rest): does the model read its words or a pooled summary?")
     evaluate.add_argument("--out", default=None, help="also write the scores to this JSON file")
-    evaluate.add_argument("--block-padding", action="store_true",
-                          help="cross-attention ignores the padding after <|endoftext|> (does the model read its words?)")
     evaluate.set_defaults(func=_cmd_evaluate_model)
 
     concepts = commands.add_parser("write-concepts", help="write the 3 toy concepts, 5 images each")
