@@ -71,6 +71,7 @@ class ToyModelV2Settings:
     layers_per_block: int = 1
     empty_caption_p: float = 0.1
     min_snr_gamma: float = 5.0
+    train_text_encoder: bool = False  # True: v1's recipe (the text tower learns with the UNet), a control
 
 
 @dataclass(frozen=True)
@@ -258,12 +259,19 @@ def _measure_vae(vae: AutoencoderKL, seed: int, n: int = 256) -> tuple[float, fl
 
 def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, settings: ToyModelV2Settings,
                 state: dict, work: Path, checkpoint_every: int, progress: bool) -> None:
-    """Only the UNet learns: the text states come from the frozen CLIP text tower."""
+    """Only the UNet learns: the text states come from the frozen CLIP text tower (unless
+    `train_text_encoder`, the control that trains the tower with the UNet as v1 did)."""
     noise_scheduler = DDPMScheduler(**SD_BETAS)
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=settings.min_snr_gamma) / snr
-    opt = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=1e-2)
+    models = {"unet": unet}
+    params = list(unet.parameters())
+    if settings.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        models["text_encoder"] = text_encoder
+        params += list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
     unet.train()
 
     def step(i: int) -> float:
@@ -274,6 +282,7 @@ def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, se
             posterior = vae.encode(pixels(scenes)).latent_dist
             latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen))
             latents = latents * state["scaling_factor"]
+        with torch.set_grad_enabled(settings.train_text_encoder):
             states = text_encoder(token_ids(captions))[0]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
@@ -283,7 +292,7 @@ def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, se
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         return _optimise(opt, (per_sample * weight[t]).mean(), _lr(i, settings.steps, settings.lr), 1.0)
 
-    _run_phase("unet", settings.steps, step, {"unet": unet}, opt, state, work, checkpoint_every, progress)
+    _run_phase("unet", settings.steps, step, models, opt, state, work, checkpoint_every, progress)
 
 
 def saved_state(out: str | Path) -> dict:
