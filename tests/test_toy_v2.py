@@ -19,7 +19,7 @@ from compinv.toy.model_v2 import ToyModelV2Settings, train_toy_model_v2
 TINY = ToyModelV2Settings(
     clip=ToyClipSettings(steps=3, batch_size=4, text_hidden=32, text_layers=1, vision_hidden=32,
                          vision_layers=1, projection_dim=16),
-    vae_steps=3, vae_batch_size=2, steps=3, batch_size=2, unet_channels=(32, 32))
+    vae_steps=3, vae_batch_size=2, steps=3, batch_size=2, unet_channels=(32, 32), eval_scenes=8)
 
 
 def _object(**kw) -> world_v2.PatternObject:
@@ -166,3 +166,29 @@ def test_stop_after_clip_then_resume_continues_and_other_settings_are_refused(tm
     other = ToyModelV2Settings(**{**TINY.__dict__, "steps": 4})
     with pytest.raises(CompinvError, match="steps=3"):
         train_toy_model_v2(tmp_path / "run", other, resume=True, progress=False)
+
+
+def test_v2_only_flags_are_refused_for_version_1(capsys):
+    from helpers import cli_error
+
+    line = cli_error(capsys, ["toy", "train-model", "--clip-steps", "5", "--out", "unused"])
+    assert "--clip-steps" in line and "--version 2" in line
+
+
+def test_evaluate_model_blocks_padding_and_says_so(tmp_path, capsys):
+    import json
+
+    from compinv.cli import main
+    from compinv.diagnostics import padding_blocked
+    from compinv.toy.ablation import generate
+    from compinv.toy.model import load_toy_model
+
+    pipe = load_toy_model()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red star and a blue ring at night", "a green square on sand"]
+    plain = generate(pipe, prompts, [0, 1])
+    with padding_blocked(pipe):
+        blocked = generate(pipe, prompts, [0, 1])
+    assert np.abs(plain - blocked).max() > 0.05  # the shipped v1 model reads its padding
+    assert main(["toy", "evaluate-model", "--n", "2", "--block-padding", "--out", str(tmp_path / "s.json")]) in (0, None)
+    assert json.loads((tmp_path / "s.json").read_text())["block_padding"] is True

@@ -121,7 +121,8 @@ def embeddings(model: CLIPModel, images: np.ndarray, captions: list[str]) -> tup
     ids, mask = tokenize(captions)
     image = model.get_image_features(pixel_values=pixels(images))
     text = model.get_text_features(input_ids=ids, attention_mask=mask)
-    image = getattr(image, "pooler_output", image)  # transformers 5 may return an output object
+    # transformers 4 returns the projected tensor, transformers 5 an output whose pooler_output it is
+    image = getattr(image, "pooler_output", image)
     text = getattr(text, "pooler_output", text)
     return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 

@@ -72,6 +72,7 @@ class ToyModelV2Settings:
     empty_caption_p: float = 0.1
     min_snr_gamma: float = 5.0
     train_text_encoder: bool = False  # True: v1's recipe (the text tower learns with the UNet), a control
+    eval_scenes: int = 256  # held-out scenes for the CLIP's retrieval and the autoencoder's PSNR
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def _train_clip(settings: ToyModelV2Settings, state: dict, work: Path, resume: b
                          checkpoint_every=checkpoint_every, progress=progress)
     if run.steps > 0 and run.seconds > 0:
         state.setdefault("seconds_per_step", {})["clip"] = run.step_seconds
-    state.update(retrieval=clip_retrieval(run.model, settings.seed), phase="vae", step=0)
+    state.update(retrieval=clip_retrieval(run.model, settings.seed, settings.eval_scenes), phase="vae", step=0)
     _checkpoint(work, {}, None, None, state, FORMAT)
     return run.model
 
@@ -241,7 +242,7 @@ def _train_vae(vae: AutoencoderKL, settings: ToyModelV2Settings, state: dict, wo
 
     _run_phase("vae", settings.vae_steps, step, {"vae": vae}, opt, state, work, checkpoint_every, progress)
     vae.eval()
-    scale, psnr = _measure_vae(vae, settings.seed)
+    scale, psnr = _measure_vae(vae, settings.seed, settings.eval_scenes)
     vae.register_to_config(scaling_factor=scale)
     state.update(phase="unet", step=0, vae_psnr=psnr, scaling_factor=scale)
     _checkpoint(work, {}, None, None, state, FORMAT)
