@@ -221,7 +221,7 @@ def load_toy_clip(work: str | Path) -> CLIPModel:
 
 def _check_fresh(work: Path) -> int:
     if (work / STATE_FILE).exists():
-        raise CompinvError(f"`work` {work} already holds a toy CLIP run; pass resume=True to continue "
+        raise CompinvError(f"`work` {work} already holds a toy CLIP run; pass `resume` to continue "
                            "it or choose a new folder")
     return 0
 
@@ -245,7 +245,7 @@ def _restore(work: Path, model: CLIPModel, optimizer: torch.optim.Optimizer,
     wanted = asdict(settings)
     changed = [f"{k}={state['settings'].get(k)!r}" for k in wanted if state["settings"].get(k) != wanted[k]]
     if changed:
-        raise CompinvError(f"resume: {work} was trained with {', '.join(changed)}; pass the same "
+        raise CompinvError(f"`resume`: {work} was trained with {', '.join(changed)}; pass the same "
                            "settings to continue it (batches and schedule depend on them)")
     model.load_state_dict(load_file(str(work / WEIGHTS_FILE)))
     load_optimizer_tensors(optimizer, load_file(str(work / OPTIMIZER_FILE)))
