@@ -59,7 +59,7 @@ PHASES = ("clip", "vae", "unet")
 class ToyModelV2Settings:
     """Everything that fixes a run's batches and schedules; `--resume` must keep all of it."""
 
-    clip: ToyClipSettings = ToyClipSettings(image_size=world_v2.IMAGE_SIZE)
+    clip: ToyClipSettings = ToyClipSettings(steps=2000, image_size=world_v2.IMAGE_SIZE)  # docs/toy-v2.md
     vae_steps: int = 1200
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
