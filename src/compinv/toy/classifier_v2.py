@@ -151,7 +151,7 @@ def train_pattern_classifier(out: str | Path, steps: int = 4000, batch_size: int
         loss.backward()
         opt.step()
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             _save(out, model, opt, settings, step + 1)
     bar.close()
