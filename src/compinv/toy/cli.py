@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from compinv.errors import CompinvError
+
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
     from compinv.toy.classifier import train_classifier
@@ -19,13 +21,48 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_model(args: argparse.Namespace) -> None:
+    if args.version == 2:
+        return _train_model_v2(args)
     from compinv.toy.model import ToyModelSettings, train_toy_model
 
-    settings = ToyModelSettings(vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size,
-                                vae_batch_size=args.vae_batch_size, seed=args.seed, lr=args.lr)
+    v2_only = [f for f, v in (("--clip-steps", args.clip_steps), ("--clip-batch-size", args.clip_batch_size),
+                              ("--stop-after", args.stop_after)) if v is not None]
+    if v2_only:
+        raise CompinvError(f"{', '.join(v2_only)}: only for --version 2")
+    defaults = ToyModelSettings()
+    settings = ToyModelSettings(vae_steps=_or(args.vae_steps, defaults.vae_steps), steps=_or(args.steps, defaults.steps),
+                                batch_size=_or(args.batch_size, defaults.batch_size),
+                                vae_batch_size=_or(args.vae_batch_size, defaults.vae_batch_size), seed=args.seed,
+                                lr=_or(args.lr, defaults.lr))
     run = train_toy_model(args.out, settings, resume=args.resume, checkpoint_every=args.checkpoint_every)
     print(f"toy model in {run.out} after {run.seconds / 60:.1f} min of this run "
           f"(autoencoder PSNR {run.vae_psnr:.1f} dB); load it with StableDiffusionPipeline.from_pretrained")
+
+
+def _train_model_v2(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from compinv.toy.model_v2 import ToyModelV2Settings, train_toy_model_v2
+
+    d = ToyModelV2Settings()
+    clip = dataclasses.replace(d.clip, steps=_or(args.clip_steps, d.clip.steps),
+                               batch_size=_or(args.clip_batch_size, d.clip.batch_size))
+    settings = dataclasses.replace(
+        d, clip=clip, vae_steps=_or(args.vae_steps, d.vae_steps), steps=_or(args.steps, d.steps),
+        batch_size=_or(args.batch_size, d.batch_size), vae_batch_size=_or(args.vae_batch_size, d.vae_batch_size),
+        seed=args.seed, lr=_or(args.lr, d.lr))
+    run = train_toy_model_v2(args.out, settings, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                             stop_after=args.stop_after)
+    state = run.state
+    retrieval = state.get("retrieval")
+    done = f"phase {state['phase']}, step {state['step']}"
+    print(f"toy model v2 run in {args.out} ({done}) after {run.seconds / 60:.1f} min of this run"
+          + (f"; CLIP held-out retrieval {retrieval['text_to_image']:.3f} text->image" if retrieval else "")
+          + (f"; autoencoder PSNR {state['vae_psnr']:.1f} dB" if "vae_psnr" in state else ""))
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _cmd_evaluate_model(args: argparse.Namespace) -> None:
@@ -36,11 +73,12 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> None:
     from compinv.toy.classifier import load_classifier
     from compinv.toy.model import load_toy_model
 
-    scores = evaluate_toy_model(load_toy_model(args.model), load_classifier(), args.n, args.seed)
+    scores = evaluate_toy_model(load_toy_model(args.model), load_classifier(), args.n, args.seed,
+                                block_padding=args.block_padding)
     for key, value in scores.items():
         print(f"{key:<14}{value:.3f}" if isinstance(value, float) else f"{key:<14}{value}")
     if args.out:
-        atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", **scores}, indent=2))
+        atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", "block_padding": args.block_padding, **scores}, indent=2))
 
 
 def _cmd_write_concepts(args: argparse.Namespace) -> None:
@@ -71,12 +109,19 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     model = commands.add_parser("train-model", help="train the toy text-to-image model (SD format)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model.add_argument("--out", default="toy-model", help="run folder; the pipeline goes to OUT/model")
-    model.add_argument("--vae-steps", type=int, default=1200, help="autoencoder steps (phase 1)")
-    model.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps (phase 2)")
-    model.add_argument("--batch-size", type=int, default=64, help="scenes per UNet step")
-    model.add_argument("--vae-batch-size", type=int, default=32, help="scenes per autoencoder step")
+    model.add_argument("--version", type=int, choices=(1, 2), default=1,
+                       help="1: the shipped model (text encoder trained with the UNet); 2: the v2 world "
+                            "(48 px, patterns) and a toy CLIP pretrained contrastively, then frozen (docs/toy-v2.md)")
+    model.add_argument("--clip-steps", type=int, default=None, help="v2: toy CLIP steps (phase 1; default 2000)")
+    model.add_argument("--clip-batch-size", type=int, default=None, help="v2: scene-caption pairs per CLIP step (128)")
+    model.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (default 1200)")
+    model.add_argument("--steps", type=int, default=None, help="UNet steps (v1: 4000, with the text encoder; v2: 3000)")
+    model.add_argument("--batch-size", type=int, default=None, help="scenes per UNet step (64)")
+    model.add_argument("--vae-batch-size", type=int, default=None, help="scenes per autoencoder step (32)")
     model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--lr", type=float, default=6e-4, help="peak AdamW lr of phase 2 (warm-up, cosine)")
+    model.add_argument("--lr", type=float, default=None, help="peak AdamW lr of the UNet phase (6e-4; warm-up, cosine)")
+    model.add_argument("--stop-after", choices=("clip", "vae"), default=None,
+                       help="v2: end after this phase (continue later with --resume)")
     model.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     model.add_argument("--checkpoint-every", type=int, default=100, help="steps between saves; 0: end only")
     model.set_defaults(func=_cmd_train_model)
@@ -86,6 +131,9 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
     evaluate.add_argument("--n", type=int, default=400, help="held-out captions, one image each")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--block-padding", action="store_true",
+                          help="cross-attention ignores the padding after <|endoftext|> (renormalised "
+                               "over the rest): does the model read its words or a pooled summary?")
     evaluate.add_argument("--out", default=None, help="also write the scores to this JSON file")
     evaluate.set_defaults(func=_cmd_evaluate_model)
 

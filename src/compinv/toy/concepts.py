@@ -44,7 +44,7 @@ CONCEPTS: tuple[ToyConcept, ...] = (
 )
 
 
-def _diamond(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def diamond_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """A tall rhombus, so it cannot pass for a rotated square."""
     return np.abs(u) / 0.65 + np.abs(v) <= 1
 
@@ -57,7 +57,7 @@ def _dots(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (d2 <= 0.2 ** 2).any(axis=-1)
 
 
-def _heart(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def heart_mask(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The classic implicit heart (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, scaled to radius 1, y up."""
     x, y = u * 1.25, -v * 1.25 + 0.15
     return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
@@ -69,7 +69,7 @@ _PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "dotted-ring": lambda u, v: np.zeros(u.shape, bool),
     "two-tone-heart": lambda u, v: u > 0,
 }
-_MASKS = {"striped-diamond": _diamond, "dotted-ring": _dots, "two-tone-heart": _heart}
+_MASKS = {"striped-diamond": diamond_mask, "dotted-ring": _dots, "two-tone-heart": heart_mask}
 
 
 def render_concept(concept: ToyConcept, n: int = IMAGES_PER_CONCEPT, seed: int = 0) -> np.ndarray:

@@ -293,15 +293,15 @@ def _fresh_state(work: Path) -> dict:
     return {"phase": "vae", "step": 0}
 
 
-def _read_state(work: Path, settings: ToyModelSettings) -> dict:
+def _read_state(work: Path, settings, fmt: str = FORMAT, first_phase: str = "vae") -> dict:
     """The saved state; its settings must equal this run's (batches and schedules depend on them)."""
     if not (work / STATE_FILE).exists():
-        return {"phase": "vae", "step": 0}
+        return {"phase": first_phase, "step": 0}
     state = json.loads((work / STATE_FILE).read_text())
     saved = state.pop("settings")
     wanted = json.loads(json.dumps(asdict(settings)))
     changed = [f"{k}={saved.get(k)!r}" for k in wanted if saved.get(k) != wanted[k]]
-    if state.get("format") != FORMAT or changed:
+    if state.get("format") != fmt or changed:
         raise CompinvError(f"--resume: {work.parent} was trained with {', '.join(changed) or 'another format'}; "
                            "pass the same settings to continue it")
     return state
@@ -314,14 +314,14 @@ def _restore(work: Path, name: str, model: torch.nn.Module, opt: torch.optim.Opt
 
 
 def _checkpoint(work: Path, models: dict[str, torch.nn.Module], opt_name: str | None,
-                opt: torch.optim.Optimizer | None, state: dict) -> None:
+                opt: torch.optim.Optimizer | None, state: dict, fmt: str = FORMAT) -> None:
     """Weights and optimizer moments first, then the state file that names the step: a run killed
     between the writes resumes from the previous step count with at most one interval redone."""
     for name, model in models.items():
         save_tensors(model.state_dict(), work / f"{name}.safetensors")
     if opt is not None:
         save_tensors(optimizer_tensors(opt), work / f"{opt_name}_optimizer.safetensors")
-    record = {**{k: v for k, v in state.items() if k != "settings"}, "format": FORMAT,
+    record = {**{k: v for k, v in state.items() if k != "settings"}, "format": fmt,
               "settings": json.loads(json.dumps(asdict(state["settings"])))}
     atomic_write_text(work / STATE_FILE, json.dumps(record, indent=2))
 

@@ -47,8 +47,7 @@ HELDOUT_TRIPLES: frozenset[tuple[str, str, str]] = frozenset({
 _SUPERSAMPLE = 2  # shape edges are anti-aliased by averaging a 2x2 sub-pixel grid
 _TEXTURE_TILES = 8
 _TEXTURE_SIZE = 64
-_OFFSETS = _TEXTURE_SIZE - IMAGE_SIZE + 1
-TEXTURE_CHOICES = _TEXTURE_TILES * _OFFSETS * _OFFSETS
+TEXTURE_CHOICES = _TEXTURE_TILES * (_TEXTURE_SIZE - IMAGE_SIZE + 1) ** 2
 
 
 @dataclass(frozen=True)
@@ -210,24 +209,24 @@ def _geometry(objects: list[SceneObject]) -> np.ndarray:
     return np.array([(o.x, o.y, o.radius, o.angle) for o in objects], np.float32).reshape(-1, 4)
 
 
-def object_coordinates(geometry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sub-pixel coordinates in each object's frame: (u, v) [M, 64, 64], radius 1, y down."""
-    grid = (np.arange(IMAGE_SIZE * _SUPERSAMPLE, dtype=np.float32) + 0.5) / _SUPERSAMPLE
+def object_coordinates(geometry: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel coordinates in each object's frame: (u, v) [M, 2 size, 2 size], radius 1, y down."""
+    grid = (np.arange(size * _SUPERSAMPLE, dtype=np.float32) + 0.5) / _SUPERSAMPLE
     x, y, radius, angle = (geometry[:, i, None, None] for i in range(4))
     dx, dy = grid[None, None, :] - x, grid[None, :, None] - y
     cos, sin = np.cos(angle), np.sin(angle)
     return (cos * dx + sin * dy) / radius, (-sin * dx + cos * dy) / radius
 
 
-def coverage(kinds: list[str], geometry: np.ndarray, masks: dict) -> np.ndarray:
-    """Anti-aliased coverage [M, 32, 32] in [0, 1] of each object, by its kind's mask function."""
-    u, v = object_coordinates(geometry)
+def coverage(kinds: list[str], geometry: np.ndarray, masks: dict, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Anti-aliased coverage [M, size, size] in [0, 1] of each object, by its kind's mask function."""
+    u, v = object_coordinates(geometry, size)
     inside = np.zeros(u.shape, bool)
     for kind in set(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         inside[idx] = masks[kind](u[idx], v[idx])
     s = _SUPERSAMPLE
-    return inside.reshape(-1, IMAGE_SIZE, s, IMAGE_SIZE, s).mean(axis=(2, 4), dtype=np.float32)
+    return inside.reshape(-1, size, s, size, s).mean(axis=(2, 4), dtype=np.float32)
 
 
 def _star(u: np.ndarray, v: np.ndarray, inner: float = 0.45) -> np.ndarray:
@@ -252,15 +251,22 @@ SHAPE_MASKS = {
 }
 
 
-def background_pixels(backgrounds: list[str], textures: list[int]) -> np.ndarray:
-    """float32 [N, 32, 32, 3]: crops of precomputed texture tiles, chosen by each texture index."""
+def texture_choices(size: int = IMAGE_SIZE) -> int:
+    """How many distinct background crops of `size` pixels the texture tiles give."""
+    return _TEXTURE_TILES * (_TEXTURE_SIZE - size + 1) ** 2
+
+
+def background_pixels(backgrounds: list[str], textures: list[int], size: int = IMAGE_SIZE) -> np.ndarray:
+    """float32 [N, size, size, 3]: crops of precomputed texture tiles, chosen by each texture
+    index in [0, texture_choices(size))."""
     unknown = set(backgrounds) - set(BACKGROUNDS)
     if unknown:
         raise CompinvError(f"unknown background(s) {sorted(unknown)}; use {', '.join(BACKGROUNDS)}")
+    offsets = _TEXTURE_SIZE - size + 1
     t = np.asarray(textures, np.int64)
-    tile, oy, ox = t % _TEXTURE_TILES, (t // _TEXTURE_TILES) % _OFFSETS, t // (_TEXTURE_TILES * _OFFSETS)
+    tile, oy, ox = t % _TEXTURE_TILES, (t // _TEXTURE_TILES) % offsets, t // (_TEXTURE_TILES * offsets)
     which = np.array([BACKGROUNDS.index(b) for b in backgrounds], np.int64)
-    span = np.arange(IMAGE_SIZE)
+    span = np.arange(size)
     rows, cols = oy[:, None] + span, ox[:, None] + span
     bank = _texture_bank()
     return bank[which[:, None, None], tile[:, None, None], rows[:, :, None], cols[:, None, :]].copy()

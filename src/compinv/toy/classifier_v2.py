@@ -1,0 +1,198 @@
+"""The v2 world's judge: v1's attribute classifier with pattern outputs, so identity is checkable.
+
+A v2 toy concept is a shape with a pattern and two colours ("a magenta and white striped
+diamond"). Three multi-label heads answer everything a caption or a concept asks:
+- colour-shape pairs (11 x 8): some object of that shape shows that colour;
+- pattern-shape pairs (5 x 8): some object of that shape has that pattern;
+- the background (softmax over 4).
+A concept is recognised in an image when both its colours and its pattern are found on its
+shape (`Predictions.has_identity`). Same recipe as v1 (`compinv.toy.classifier`): fresh renders
+of every combination each step (split "all", so it judges held-out ones too), blurred and
+noised like generated images, seeded by (seed, step), resumable bit for bit. One more conv
+stage than v1 for 48 px: the receptive field must cover the largest object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from compinv.artifacts import atomic_write_text, ensure_writable_dir, load_optimizer_tensors, optimizer_tensors, save_tensors
+from compinv.errors import CompinvError
+from compinv.toy import world_v2
+from compinv.toy.classifier import _augment, _lr
+from compinv.toy.world import BACKGROUNDS
+
+FORMAT = "compinv-toy-classifier-v2"
+CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE = "classifier.json", "classifier.safetensors", "optimizer.safetensors"
+CHANNELS = (32, 64, 128, 128)
+_C, _S, _P = tuple(world_v2.COLOURS), world_v2.SHAPES, world_v2.PATTERNS
+HEADS = (len(_C) * len(_S), len(_P) * len(_S), len(BACKGROUNDS))
+
+
+class PatternClassifier(nn.Module):
+    """Conv stages (3x3 conv + BN + ReLU, 2x2 max-pool between), global average pool, one
+    linear layer split into the three heads."""
+
+    def __init__(self, channels: tuple[int, ...] = CHANNELS) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 3
+        for i, out in enumerate(channels):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2 if i else 1):
+                layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+                width = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, sum(HEADS))
+        self.channels = tuple(channels)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, 3, 48, 48] in [-1, 1] -> colour-shape, pattern-shape and background logits."""
+        return tuple(self.head(self.features(x).mean(dim=(2, 3))).split(HEADS, dim=1))
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> Predictions:
+        """uint8 [N, 48, 48, 3] or float in [0, 1] (diffusers' output_type="np")."""
+        x = _model_input(images)
+        was_training = self.training
+        self.eval()
+        outs = [self(chunk) for chunk in x.split(batch_size)]
+        self.train(was_training)
+        pairs, patterns, backgrounds = (torch.cat([o[i] for o in outs]) for i in range(3))
+        return Predictions(torch.sigmoid(pairs).reshape(-1, len(_C), len(_S)).numpy(),
+                           torch.sigmoid(patterns).reshape(-1, len(_P), len(_S)).numpy(),
+                           torch.softmax(backgrounds, dim=1).numpy())
+
+
+@dataclass(frozen=True)
+class Predictions:
+    pair_probs: np.ndarray  # [N, colour, shape]
+    pattern_probs: np.ndarray  # [N, pattern, shape]
+    background_probs: np.ndarray  # [N, background]
+
+    def pairs(self, threshold: float = 0.5) -> list[frozenset[tuple[str, str]]]:
+        return [frozenset((_C[c], _S[s]) for c, s in zip(*np.nonzero(p > threshold))) for p in self.pair_probs]
+
+    def pattern_pairs(self, threshold: float = 0.5) -> list[frozenset[tuple[str, str]]]:
+        return [frozenset((_P[c], _S[s]) for c, s in zip(*np.nonzero(p > threshold))) for p in self.pattern_probs]
+
+    def backgrounds(self) -> list[str]:
+        return [BACKGROUNDS[i] for i in self.background_probs.argmax(axis=1)]
+
+    def has_identity(self, identity: world_v2.Identity, threshold: float = 0.5) -> np.ndarray:
+        """bool [N]: both colours and the pattern found on the identity's shape."""
+        colour, colour2, pattern, shape = identity
+        s = _S.index(shape)
+        return ((self.pair_probs[:, _C.index(colour), s] > threshold)
+                & (self.pair_probs[:, _C.index(colour2), s] > threshold)
+                & (self.pattern_probs[:, _P.index(pattern), s] > threshold))
+
+
+def _model_input(images: np.ndarray) -> torch.Tensor:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != (48, 48, 3):
+        raise CompinvError(f"`images` must be [N, 48, 48, 3], got {getattr(images, 'shape', type(images))}")
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div(scale).permute(0, 3, 1, 2) * 2 - 1
+
+
+def targets(scenes: list[world_v2.SceneV2]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-hot colour-shape [N, 88] and pattern-shape [N, 40] targets, background indices [N]."""
+    pairs = torch.zeros(len(scenes), HEADS[0])
+    patterns = torch.zeros(len(scenes), HEADS[1])
+    for i, scene in enumerate(scenes):
+        for colour, shape in scene.pairs:
+            pairs[i, _C.index(colour) * len(_S) + _S.index(shape)] = 1
+        for pattern, shape in scene.pattern_pairs:
+            patterns[i, _P.index(pattern) * len(_S) + _S.index(shape)] = 1
+    return pairs, patterns, torch.tensor([BACKGROUNDS.index(s.background) for s in scenes])
+
+
+def loss_of(model: PatternClassifier, x: torch.Tensor, scenes: list[world_v2.SceneV2]) -> torch.Tensor:
+    """Multi-label BCE summed over outputs (mean over images: rare positives are not drowned)
+    plus the background's cross-entropy."""
+    pair_t, pattern_t, bg_t = targets(scenes)
+    pair_logits, pattern_logits, bg_logits = model(x)
+    bce = (F.binary_cross_entropy_with_logits(pair_logits, pair_t, reduction="sum")
+           + F.binary_cross_entropy_with_logits(pattern_logits, pattern_t, reduction="sum")) / len(x)
+    return bce + F.cross_entropy(bg_logits, bg_t)
+
+
+def train_pattern_classifier(out: str | Path, steps: int = 4000, batch_size: int = 128, seed: int = 0,
+                             lr: float = 3e-3, resume: bool = False, checkpoint_every: int = 250,
+                             progress: bool = True) -> int:
+    """Train (or continue) the classifier in `out`; returns the steps done."""
+    if steps < 1 or batch_size < 1:
+        raise CompinvError(f"`steps` and `batch_size` must be positive (got {steps}, {batch_size})")
+    out = ensure_writable_dir(out, "out")
+    settings = {"batch_size": batch_size, "seed": seed, "lr": lr}
+    torch.manual_seed(seed)
+    model = PatternClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    done = _restore(out, model, opt, settings) if resume else _check_fresh(out)
+    bar = tqdm(total=steps, initial=done, desc="classifier v2", disable=not progress, dynamic_ncols=True)
+    model.train()
+    for step in range(done, steps):
+        scenes = world_v2.sample_scenes(batch_size, "all", (seed, step))
+        x = _augment(_model_input(world_v2.render(scenes)), torch.Generator().manual_seed(seed * 7919 + step))
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        loss = loss_of(model, x, scenes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save(out, model, opt, settings, step + 1)
+    bar.close()
+    _save(out, model, opt, settings, max(done, steps))
+    return max(done, steps)
+
+
+def _check_fresh(out: Path) -> int:
+    if (out / CONFIG_FILE).exists():
+        raise CompinvError(f"`out` {out} already holds a classifier; pass resume=True or choose a new folder")
+    return 0
+
+
+def _restore(out: Path, model: PatternClassifier, opt: torch.optim.Optimizer, settings: dict) -> int:
+    if not (out / CONFIG_FILE).exists():
+        return 0
+    config = json.loads((out / CONFIG_FILE).read_text())
+    changed = [f"{k}={config.get(k)!r}" for k, v in settings.items() if config.get(k) != v]
+    if config.get("format") != FORMAT or changed:
+        raise CompinvError(f"resume: {out} was trained with {', '.join(changed) or 'another format'}; "
+                           "pass the same settings")
+    model.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
+    load_optimizer_tensors(opt, load_file(str(out / OPTIMIZER_FILE)))
+    return int(config["trained_steps"])
+
+
+def _save(out: Path, model: PatternClassifier, opt: torch.optim.Optimizer, settings: dict, step: int) -> None:
+    save_tensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
+    save_tensors(optimizer_tensors(opt), out / OPTIMIZER_FILE)
+    config = {"format": FORMAT, "channels": list(model.channels), "colours": list(_C), "shapes": list(_S),
+              "patterns": list(_P), "backgrounds": list(BACKGROUNDS), **settings, "trained_steps": step}
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2))
+
+
+def load_pattern_classifier(folder: str | Path) -> PatternClassifier:
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise CompinvError(f"`folder` {folder}: no {CONFIG_FILE}; train one with train_pattern_classifier")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT or config.get("patterns") != list(_P) or config.get("colours") != list(_C):
+        raise CompinvError(f"{config_path} is not a classifier for this version of the v2 world")
+    model = PatternClassifier(tuple(config["channels"]))
+    model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+    return model.eval()

@@ -1,0 +1,306 @@
+"""The toy text-to-image model, version 2: trained the way Stable Diffusion was.
+
+Three phases, each resumable, each drawing fresh renders of the v2 world
+(`compinv.toy.world_v2`) seeded by (seed, phase, step), so a resumed run draws exactly the
+batches an uninterrupted one would:
+
+1. **clip**: the toy CLIP (`compinv.toy.clip`), text and image towers, contrastively on scenes
+   and their captions (in `training/clip/`, resumable on its own); then frozen. Its held-out
+   retrieval accuracy is measured at the end.
+2. **vae**: the autoencoder, 48x48 pixels -> 12x12x4 latents (as v1's, at 48 px).
+3. **unet**: the UNet on the *frozen* text tower's hidden states (epsilon prediction, min-SNR
+   weighting, 10 % empty captions for classifier-free guidance).
+
+The finished folder is the same stock diffusers layout as v1 (`save_toy_model`), whose
+`text_encoder` is the frozen CLIP text tower. Version 1 (`compinv.toy.model`) stays the shipped
+model until v2 is trained and meets the bars (docs/toy-v2.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import CLIPModel
+
+from compinv.artifacts import ensure_writable_dir, load_optimizer_tensors, save_tensors
+from compinv.data import TEXTUAL_INVERSION_TEMPLATES as OBJECT_TEMPLATES
+from compinv.errors import CompinvError
+from compinv.toy import world_v2
+from compinv.toy.clip import ToyClipSettings, load_toy_clip, retrieval_accuracy, text_encoder, train_toy_clip
+from compinv.toy.model import (
+    SD_BETAS,
+    STATE_FILE,
+    _checkpoint,
+    _fresh_state,
+    _lr,
+    _read_state,
+    _set_lr,
+    save_toy_model,
+    token_ids,
+)
+from compinv.toy.world import BACKGROUND_PHRASES
+
+FORMAT = "compinv-toy-model-v2"
+LATENT_SIZE = world_v2.IMAGE_SIZE // 4
+PHASES = ("clip", "vae", "unet")
+
+
+@dataclass(frozen=True)
+class ToyModelV2Settings:
+    """Everything that fixes a run's batches and schedules; `--resume` must keep all of it."""
+
+    clip: ToyClipSettings = ToyClipSettings(steps=2000, image_size=world_v2.IMAGE_SIZE)  # docs/toy-v2.md
+    vae_steps: int = 1200
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 6e-4
+    seed: int = 0
+    unet_channels: tuple[int, int] = (96, 192)
+    layers_per_block: int = 1
+    empty_caption_p: float = 0.1
+    min_snr_gamma: float = 5.0
+    train_text_encoder: bool = False  # True: v1's recipe (the text tower learns with the UNet), a control
+    eval_scenes: int = 256  # held-out scenes for the CLIP's retrieval and the autoencoder's PSNR
+
+
+@dataclass(frozen=True)
+class ToyModelV2Run:
+    out: Path
+    seconds: float
+    state: dict
+
+
+def build_unet_and_vae(settings: ToyModelV2Settings) -> tuple[AutoencoderKL, UNet2DConditionModel]:
+    """v1's component shapes at 48 px; cross-attention as wide as the CLIP text tower."""
+    torch.manual_seed(settings.seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32, sample_size=world_v2.IMAGE_SIZE)
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+        block_out_channels=settings.unet_channels, layers_per_block=settings.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=settings.clip.text_hidden, attention_head_dim=4, norm_num_groups=32)
+    return vae, unet
+
+
+def training_caption(scene: world_v2.SceneV2, draw: float, template: int) -> str:
+    """As v1's: the world's caption (75 %), a TI template around the objects (15 %), or the
+    objects alone (10 %)."""
+    objects = " and ".join(world_v2.object_phrase(*o.identity) for o in scene.objects)
+    if draw < 0.75:
+        return world_v2.caption(scene)
+    if draw < 0.9:
+        bare = objects.split(" ", 1)[1]
+        return f"{OBJECT_TEMPLATES[template % len(OBJECT_TEMPLATES)].format(bare)} {BACKGROUND_PHRASES[scene.background]}"
+    return objects
+
+
+def _captions(scenes: list[world_v2.SceneV2], gen: torch.Generator, empty_p: float) -> list[str]:
+    draws = torch.rand(len(scenes), generator=gen).tolist()
+    templates = torch.randint(0, 10_000, (len(scenes),), generator=gen).tolist()
+    return ["" if d < empty_p else training_caption(s, (d - empty_p) / (1 - empty_p), t)
+            for s, d, t in zip(scenes, draws, templates)]
+
+
+def pixels(scenes: list[world_v2.SceneV2]) -> torch.Tensor:
+    return torch.from_numpy(world_v2.render(scenes)).float().div(127.5).sub(1).permute(0, 3, 1, 2).contiguous()
+
+
+# ---- training ------------------------------------------------------------------------------------
+def train_toy_model_v2(out: str | Path, settings: ToyModelV2Settings = ToyModelV2Settings(),
+                       resume: bool = False, checkpoint_every: int = 100, progress: bool = True,
+                       stop_after: str | None = None) -> ToyModelV2Run:
+    """Train the phases in `out/training` (resumable) and write the pipeline to `out/model`.
+
+    `stop_after` ("clip" or "vae") ends the run after that phase (pilots, staged training);
+    `--resume` later continues with the next one.
+    """
+    if min(settings.vae_steps, settings.steps, settings.batch_size, settings.vae_batch_size) < 1:
+        raise CompinvError("`settings`: every step count and batch size must be positive")
+    if stop_after not in (None, "clip", "vae"):
+        raise CompinvError(f"`stop_after` {stop_after!r}: use 'clip', 'vae' or nothing")
+    out = ensure_writable_dir(out, "out")
+    work = out / "training"
+    state = _read_state(work, settings, FORMAT, "clip") if resume else _fresh_state(work) | {"phase": "clip"}
+    state["settings"] = settings
+    started = time.perf_counter()
+    vae, unet = build_unet_and_vae(settings)
+    if state["phase"] == "clip":
+        clip = _train_clip(settings, state, work, resume, checkpoint_every, progress)
+    else:
+        clip = load_toy_clip(work / "clip")
+    if stop_after == "clip":
+        return ToyModelV2Run(out, time.perf_counter() - started, _public(state))
+    if state["phase"] == "vae":
+        _train_vae(vae, settings, state, work, checkpoint_every, progress)
+    else:
+        vae.load_state_dict(load_file(str(work / "vae.safetensors")))
+    if stop_after == "vae":
+        return ToyModelV2Run(out, time.perf_counter() - started, _public(state))
+    text_tower = text_encoder(clip)
+    vae.requires_grad_(False).eval()
+    vae.register_to_config(scaling_factor=state["scaling_factor"])
+    _train_unet(vae, unet, text_tower, settings, state, work, checkpoint_every, progress)
+    save_toy_model(vae, unet, text_tower, out / "model")
+    return ToyModelV2Run(out / "model", time.perf_counter() - started, _public(state))
+
+
+def _public(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "settings"}
+
+
+def _run_phase(name: str, steps: int, step: Callable[[int], float], models: dict[str, torch.nn.Module],
+               opt: torch.optim.Optimizer, state: dict, work: Path, checkpoint_every: int,
+               progress: bool) -> None:
+    """Steps `state["step"]` .. `steps` of one phase, with periodic checkpoints; the timing of
+    each step goes to state["seconds_per_step"][name] (the training plan's estimates)."""
+    if state["step"] > 0:
+        for key, model in models.items():
+            model.load_state_dict(load_file(str(work / f"{key}.safetensors")))
+        load_optimizer_tensors(opt, load_file(str(work / f"{name}_optimizer.safetensors")))
+    bar = tqdm(total=steps, initial=state["step"], desc=name, disable=not progress, dynamic_ncols=True)
+    timings = []
+    for i in range(state["step"], steps):
+        started = time.perf_counter()
+        loss = step(i)
+        timings.append(time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        state["step"] = i + 1
+        if checkpoint_every and state["step"] % checkpoint_every == 0 and state["step"] < steps:
+            _checkpoint(work, models, name, opt, state, FORMAT)
+    bar.close()
+    if timings:
+        state.setdefault("seconds_per_step", {})[name] = float(np.median(timings))
+    _checkpoint(work, models, name, opt, state, FORMAT)
+
+
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip_norm: float | None = None) -> float:
+    _set_lr(opt, lr)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_norm)
+    opt.step()
+    return float(loss.detach())
+
+
+def clip_batches(batch_size: int, seed: tuple[int, ...]) -> tuple[np.ndarray, list[str]]:
+    """The CLIP phase's batch `seed` = (run seed, step): training scenes and their captions (the
+    same caption mix the UNet sees, without empty ones)."""
+    scenes = world_v2.sample_scenes(batch_size, "train", (*seed, 0))
+    gen = torch.Generator().manual_seed(seed[0] * 1_000_003 + 100_000 + seed[1])
+    return world_v2.render(scenes), _captions(scenes, gen, 0.0)
+
+
+def _train_clip(settings: ToyModelV2Settings, state: dict, work: Path, resume: bool,
+                checkpoint_every: int, progress: bool) -> CLIPModel:
+    clip_settings = ToyClipSettings(**{**asdict(settings.clip), "seed": settings.seed})
+    run = train_toy_clip(work / "clip", clip_batches, clip_settings, resume=resume,
+                         checkpoint_every=checkpoint_every, progress=progress)
+    if run.steps > 0 and run.seconds > 0:
+        state.setdefault("seconds_per_step", {})["clip"] = run.step_seconds
+    state.update(retrieval=clip_retrieval(run.model, settings.seed, settings.eval_scenes), phase="vae", step=0)
+    _checkpoint(work, {}, None, None, state, FORMAT)
+    return run.model
+
+
+def clip_retrieval(clip: CLIPModel, seed: int, n: int = 256) -> dict[str, float]:
+    """Top-1 retrieval among `n` held-out scenes (combinations training never showed)."""
+    scenes = world_v2.sample_scenes(n, "heldout", (seed, 98))
+    return retrieval_accuracy(clip, world_v2.render(scenes), [world_v2.caption(s) for s in scenes])
+
+
+def _train_vae(vae: AutoencoderKL, settings: ToyModelV2Settings, state: dict, work: Path,
+               checkpoint_every: int, progress: bool) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    vae.train()
+
+    def step(i: int) -> float:
+        x = pixels(world_v2.sample_scenes(settings.vae_batch_size, "train", (settings.seed, 1, i)))
+        gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        return _optimise(opt, loss, _lr(i, settings.vae_steps, settings.vae_lr))
+
+    _run_phase("vae", settings.vae_steps, step, {"vae": vae}, opt, state, work, checkpoint_every, progress)
+    vae.eval()
+    scale, psnr = _measure_vae(vae, settings.seed, settings.eval_scenes)
+    vae.register_to_config(scaling_factor=scale)
+    state.update(phase="unet", step=0, vae_psnr=psnr, scaling_factor=scale)
+    _checkpoint(work, {}, None, None, state, FORMAT)
+
+
+@torch.no_grad()
+def _measure_vae(vae: AutoencoderKL, seed: int, n: int = 256) -> tuple[float, float]:
+    """SD's latent scale (1 / latent std) and the PSNR on held-out renders."""
+    x = pixels(world_v2.sample_scenes(n, "heldout", (seed, 99)))
+    latents = vae.encode(x).latent_dist.mean
+    recon = vae.decode(latents).sample.clamp(-1, 1)
+    mse = F.mse_loss((recon + 1) / 2, (x + 1) / 2).item()
+    return float(1.0 / latents.std()), float(10 * math.log10(1.0 / max(mse, 1e-12)))
+
+
+def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, settings: ToyModelV2Settings,
+                state: dict, work: Path, checkpoint_every: int, progress: bool) -> None:
+    """Only the UNet learns: the text states come from the frozen CLIP text tower (unless
+    `train_text_encoder`, the control that trains the tower with the UNet as v1 did)."""
+    noise_scheduler = DDPMScheduler(**SD_BETAS)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=settings.min_snr_gamma) / snr
+    models = {"unet": unet}
+    params = list(unet.parameters())
+    if settings.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        models["text_encoder"] = text_encoder
+        params += list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
+    unet.train()
+
+    def step(i: int) -> float:
+        gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + 500_000 + i)
+        scenes = world_v2.sample_scenes(settings.batch_size, "train", (settings.seed, 2, i))
+        captions = _captions(scenes, gen, settings.empty_caption_p)
+        with torch.no_grad():
+            posterior = vae.encode(pixels(scenes)).latent_dist
+            latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen))
+            latents = latents * state["scaling_factor"]
+        with torch.set_grad_enabled(settings.train_text_encoder):
+            states = text_encoder(token_ids(captions))[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = unet(noisy, t, encoder_hidden_states=states).sample
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        return _optimise(opt, (per_sample * weight[t]).mean(), _lr(i, settings.steps, settings.lr), 1.0)
+
+    _run_phase("unet", settings.steps, step, models, opt, state, work, checkpoint_every, progress)
+
+
+def saved_state(out: str | Path) -> dict:
+    """The state file of a v2 run folder (phase, step, retrieval, PSNR, seconds per step)."""
+    import json
+
+    path = Path(out) / "training" / STATE_FILE
+    if not path.is_file():
+        raise CompinvError(f"`out` {out}: no v2 toy-model run there")
+    return json.loads(path.read_text())

@@ -1,0 +1,109 @@
+"""The toy CLIP (compinv.toy.clip): contrastive pretraining learns, resumes bit-identically, and
+its text tower is a stock CLIPTextModel for the SD pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTextModel
+
+from compinv.errors import CompinvError
+from compinv.toy.clip import (
+    ToyClipSettings,
+    build_toy_clip,
+    load_toy_clip,
+    retrieval_accuracy,
+    same_caption,
+    text_encoder,
+    tokenize,
+    train_toy_clip,
+)
+from compinv.toy.world import BACKGROUND_PHRASES, generate
+
+TINY = ToyClipSettings(steps=4, batch_size=8, lr=3e-3, image_size=32, patch_size=8, text_hidden=32,
+                       text_layers=1, vision_hidden=32, vision_layers=1, heads=2, projection_dim=16)
+
+
+def world_batches(n: int, seed: tuple[int, ...]) -> tuple[np.ndarray, list[str]]:
+    batch = generate(n, "train", seed)
+    return batch.images, batch.captions
+
+
+def background_batches(n: int, seed: tuple[int, ...]) -> tuple[np.ndarray, list[str]]:
+    """Captions that name only the background: four classes, learnable in a few dozen steps."""
+    batch = generate(n, "train", seed)
+    return batch.images, [BACKGROUND_PHRASES[s.background] for s in batch.scenes]
+
+
+def test_equal_captions_are_shared_positives():
+    same = same_caption(["on grass", "on sand", "on grass"])
+    assert same.tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+
+
+def test_retrieval_counts_a_duplicate_caption_as_right():
+    model = build_toy_clip(TINY)
+    images, _ = world_batches(6, (0,))
+    captions = ["on grass"] * 6  # every pick is right, whatever the model
+    scores = retrieval_accuracy(model, images, captions)
+    assert scores["text_to_image"] == scores["image_to_text"] == scores["chance"] == 1.0
+
+
+def test_contrastive_training_learns_retrieval(tmp_path):
+    settings = ToyClipSettings(**{**TINY.__dict__, "steps": 60, "batch_size": 32})
+    run = train_toy_clip(tmp_path, background_batches, settings, checkpoint_every=0, progress=False)
+    images, captions = background_batches(128, (99,))
+    scores = retrieval_accuracy(run.model, images, captions)
+    untrained = retrieval_accuracy(build_toy_clip(settings), images, captions)
+    assert scores["chance"] < 0.4
+    assert scores["text_to_image"] > 0.9 and scores["image_to_text"] > 0.9
+    assert untrained["image_to_text"] < 0.6
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """A run killed after its step-2 checkpoint and resumed ends with the uninterrupted weights."""
+    straight = train_toy_clip(tmp_path / "a", world_batches, TINY, checkpoint_every=0, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_step_2(n, seed):
+        if seed[1] == 2:
+            raise Killed
+        return world_batches(n, seed)
+
+    with pytest.raises(Killed):
+        train_toy_clip(tmp_path / "b", killed_at_step_2, TINY, checkpoint_every=2, progress=False)
+    resumed = train_toy_clip(tmp_path / "b", world_batches, TINY, resume=True, checkpoint_every=0,
+                             progress=False)
+    assert resumed.steps == 4
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train_toy_clip(tmp_path, world_batches, TINY, checkpoint_every=0, progress=False)
+    with pytest.raises(CompinvError, match="lr=0.003"):
+        train_toy_clip(tmp_path, world_batches, ToyClipSettings(**{**TINY.__dict__, "lr": 1e-3}),
+                       resume=True, progress=False)
+    with pytest.raises(CompinvError, match="already holds a toy CLIP run"):
+        train_toy_clip(tmp_path, world_batches, TINY, progress=False)
+
+
+def test_text_tower_is_a_stock_text_encoder(tmp_path):
+    train_toy_clip(tmp_path / "run", world_batches, TINY, checkpoint_every=0, progress=False)
+    clip = load_toy_clip(tmp_path / "run")
+    encoder = text_encoder(clip)
+    encoder.save_pretrained(tmp_path / "text_encoder")
+    reloaded = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+    ids, mask = tokenize(["a red star on grass", "a photo of a blue ring at night"])
+    with torch.no_grad():
+        tower = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        states = reloaded(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(tower, states)
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_bad_patch_size_is_named():
+    with pytest.raises(CompinvError, match="image_size 32 must be a multiple of patch_size 5"):
+        build_toy_clip(ToyClipSettings(**{**TINY.__dict__, "patch_size": 5}))

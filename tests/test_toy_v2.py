@@ -1,0 +1,194 @@
+"""Toy world and model v2: pattern rendering, held-out identities, the toy CLIP, the three
+training phases at tiny scale, exact resume, and a stock-diffusers folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+import compinv.toy.model_v2 as model_v2
+from compinv.errors import CompinvError
+from compinv.toy import world_v2
+import compinv.toy.clip as toy_clip
+from compinv.toy.clip import ToyClipSettings
+from compinv.toy.model_v2 import ToyModelV2Settings, train_toy_model_v2
+
+TINY = ToyModelV2Settings(
+    clip=ToyClipSettings(steps=3, batch_size=4, text_hidden=32, text_layers=1, vision_hidden=32,
+                         vision_layers=1, projection_dim=16),
+    vae_steps=3, vae_batch_size=2, steps=3, batch_size=2, unet_channels=(32, 32), eval_scenes=8)
+
+
+def _object(**kw) -> world_v2.PatternObject:
+    values = dict(colour="red", colour2="blue", pattern="striped", shape="square", x=24.0, y=24.0,
+                  radius=14.0, angle=0.0)
+    return world_v2.PatternObject(**{**values, **kw})
+
+
+def _draw(obj: world_v2.PatternObject, background: str = "night") -> np.ndarray:
+    return world_v2.render([world_v2.SceneV2(background, (obj,), 0, 0)])[0].astype(int)
+
+
+def _count(image: np.ndarray, colour: str) -> int:
+    return int((np.abs(image - np.array(world_v2.COLOURS[colour])).sum(axis=-1) < 30).sum())
+
+
+def test_patterns_paint_both_colours_where_they_belong():
+    solid = _draw(_object(pattern="solid", colour2="red"))
+    assert _count(solid, "red") > 300 and _count(solid, "blue") == 0
+    for pattern in ("striped", "dotted", "checked", "two-tone"):
+        image = _draw(_object(pattern=pattern))
+        red, blue = _count(image, "red"), _count(image, "blue")
+        assert red > 40 and blue > 20, (pattern, red, blue)
+    halves = _draw(_object(pattern="two-tone"))
+    assert _count(halves[:, :24], "red") > 100 and _count(halves[:, :24], "blue") < 10
+    assert _count(halves[:, 24:], "blue") > 100 and _count(halves[:, 24:], "red") < 10
+    stripes = _draw(_object(pattern="striped"))
+    rows = [_count(stripes[y:y + 1], "blue") > 5 for y in range(14, 34)]
+    assert True in rows and False in rows  # horizontal bands: some rows blue, some not
+
+
+def test_rendering_is_48px_and_seeded():
+    scenes = world_v2.sample_scenes(16, "train", 3)
+    images = world_v2.render(scenes)
+    assert images.shape == (16, 48, 48, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, world_v2.render(world_v2.sample_scenes(16, "train", 3)))
+
+
+def test_captions_say_colours_pattern_and_shape():
+    obj = _object(colour="magenta", colour2="white", shape="diamond")
+    assert world_v2.object_phrase(*obj.identity) == "a magenta and white striped diamond"
+    assert world_v2.object_phrase("orange", "orange", "solid", "heart") == "an orange heart"
+    scene = world_v2.SceneV2("grass", (obj,), 0, 1)
+    assert world_v2.caption(scene) == "a photo of a magenta and white striped diamond on grass"
+
+
+def test_training_split_never_shows_heldout_pairs_concepts_or_invisible_colours():
+    scenes = world_v2.sample_scenes(3000, "train", 0)
+    assert not any(world_v2.is_heldout(s) for s in scenes)
+    for s in scenes:
+        for o in s.objects:
+            assert {o.colour, o.colour2} <= set(world_v2.visible_colours(s.background))
+            assert (o.pattern == "solid") == (o.colour == o.colour2)
+    patterns = {o.pattern for s in scenes for o in s.objects}
+    assert patterns == set(world_v2.PATTERNS)
+    heldout = world_v2.sample_scenes(300, "heldout", 0)
+    assert all(world_v2.is_heldout(s) for s in heldout)
+    assert "white" not in world_v2.visible_colours("snow") and "black" not in world_v2.visible_colours("night")
+
+
+def test_concepts_are_drawable_and_held_out():
+    assert len(world_v2.CONCEPTS) >= 5 and sum(not c.design for c in world_v2.CONCEPTS) >= 2
+    for concept in world_v2.CONCEPTS:
+        assert not world_v2.is_training_object(concept.identity)
+        assert concept.description.endswith(concept.class_word)
+        refs = world_v2.render_concept(concept, 5).astype(int)
+        assert refs.shape == (5, 48, 48, 3)
+        for colour in concept.identity[:2]:
+            assert all(_count(r, colour) > 15 for r in refs), (concept.name, colour)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupting_tqdm(after: int):
+    count = {"n": 0}
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, n):
+            count["n"] += n
+            if count["n"] >= after:
+                raise _Interrupt
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    return Bar
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    return train_toy_model_v2(tmp_path_factory.mktemp("v2") / "whole", TINY, checkpoint_every=1, progress=False)
+
+
+@pytest.mark.parametrize("cut", [2, 5, 8])  # inside the clip, vae and unet phases
+def test_resume_is_bit_identical_in_every_phase(whole, tmp_path, monkeypatch, cut):
+    with monkeypatch.context() as patch:
+        bar = _interrupting_tqdm(cut)  # one count over the phases, as a killed job
+        patch.setattr(model_v2, "tqdm", bar)
+        patch.setattr(toy_clip, "tqdm", bar)
+        with pytest.raises(_Interrupt):
+            train_toy_model_v2(tmp_path / "cut", TINY, checkpoint_every=1, progress=False)
+    train_toy_model_v2(tmp_path / "cut", TINY, resume=True, checkpoint_every=1, progress=False)
+    for name in ("clip/clip", "vae", "unet"):
+        expected = load_file(str(whole.out.parent / "training" / f"{name}.safetensors"))
+        resumed = load_file(str(tmp_path / "cut" / "training" / f"{name}.safetensors"))
+        for key, value in expected.items():
+            assert torch.equal(value, resumed[key]), f"{name}.{key} differs after resume at {cut}"
+
+
+def test_phases_record_retrieval_psnr_and_step_times(whole):
+    state = whole.state
+    assert state["phase"] == "unet" and state["step"] == TINY.steps
+    assert {"image_to_text", "text_to_image", "chance"} <= set(state["retrieval"])
+    assert set(state["seconds_per_step"]) == {"clip", "vae", "unet"}
+    assert state["vae_psnr"] > 0 and state["scaling_factor"] > 0
+
+
+def test_unet_phase_leaves_the_text_tower_frozen_and_the_folder_is_stock_sd(whole):
+    clip = load_file(str(whole.out.parent / "training" / "clip" / "clip.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(whole.out)
+    pipe.set_progress_bar_config(disable=True)
+    for key, value in pipe.text_encoder.state_dict().items():
+        stored = clip.get(f"text_model.{key}", clip.get(key))
+        expected = stored.to(torch.float16).float()  # the folder is fp16
+        assert torch.equal(value, expected), key
+    image = pipe("a magenta and white striped diamond on grass", num_inference_steps=2,
+                 guidance_scale=3.0, output_type="np").images
+    assert image.shape == (1, 48, 48, 3)
+
+
+def test_stop_after_clip_then_resume_continues_and_other_settings_are_refused(tmp_path):
+    run = train_toy_model_v2(tmp_path / "run", TINY, progress=False, stop_after="clip")
+    assert run.state["phase"] == "vae"
+    with pytest.raises(CompinvError, match="pass --resume"):
+        train_toy_model_v2(tmp_path / "run", TINY, progress=False)
+    other = ToyModelV2Settings(**{**TINY.__dict__, "steps": 4})
+    with pytest.raises(CompinvError, match="steps=3"):
+        train_toy_model_v2(tmp_path / "run", other, resume=True, progress=False)
+
+
+def test_v2_only_flags_are_refused_for_version_1(capsys):
+    from helpers import cli_error
+
+    line = cli_error(capsys, ["toy", "train-model", "--clip-steps", "5", "--out", "unused"])
+    assert "--clip-steps" in line and "--version 2" in line
+
+
+def test_evaluate_model_blocks_padding_and_says_so(tmp_path, capsys):
+    import json
+
+    from compinv.cli import main
+    from compinv.diagnostics import padding_blocked
+    from compinv.toy.ablation import generate
+    from compinv.toy.model import load_toy_model
+
+    pipe = load_toy_model()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red star and a blue ring at night", "a green square on sand"]
+    plain = generate(pipe, prompts, [0, 1])
+    with padding_blocked(pipe):
+        blocked = generate(pipe, prompts, [0, 1])
+    assert np.abs(plain - blocked).max() > 0.05  # the shipped v1 model reads its padding
+    assert main(["toy", "evaluate-model", "--n", "2", "--block-padding", "--out", str(tmp_path / "s.json")]) in (0, None)
+    assert json.loads((tmp_path / "s.json").read_text())["block_padding"] is True
