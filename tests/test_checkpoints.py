@@ -81,7 +81,10 @@ def _kill_at_random_step(argv: list[str], out: Path, steps: int, seed: int) -> i
     """Start the CLI in a child process and SIGKILL it right after a random checkpoint lands
     (so it dies inside the next step or the next checkpoint write)."""
     step = random.Random(seed).randint(1, steps - 2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # The child computes the first steps: with this process's thread count, so that float
+    # sums run in the same order as in the uninterrupted run.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": os.pathsep.join(sys.path)}
     child = subprocess.Popen([sys.executable, "-m", "compinv.cli", *argv], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     target = out / "checkpoints" / f"checkpoint-{step}" / MANIFEST
