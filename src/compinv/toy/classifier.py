@@ -47,6 +47,19 @@ EVAL_SEED = 1_000_003  # far from training seeds: evaluation renders are never t
 _COLOURS = tuple(COLOURS)
 
 
+
+def conv_features(channels: tuple[int, ...]) -> nn.Sequential:
+    """The classifiers' VGG-style trunk: conv-BN-ReLU blocks, halving the size between widths."""
+    layers: list[nn.Module] = []
+    width = 3
+    for i, out in enumerate(channels):
+        if i:
+            layers.append(nn.MaxPool2d(2))
+        for _ in range(2 if i else 1):
+            layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            width = out
+    return nn.Sequential(*layers)
+
 class AttributeClassifier(nn.Module):
     """Three conv stages (3x3 conv + BN + ReLU; one conv at full resolution, where it is
     dearest, two in the others; 2x2 max-pool between; receptive field 30 px, enough for the
@@ -55,16 +68,8 @@ class AttributeClassifier(nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = CHANNELS) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = 3
-        for i, out in enumerate(channels):
-            if i:
-                layers.append(nn.MaxPool2d(2))
-            for _ in range(2 if i else 1):
-                layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-                width = out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(width, len(_COLOURS) * len(SHAPES) + len(BACKGROUNDS))
+        self.features = conv_features(channels)
+        self.head = nn.Linear(channels[-1], len(_COLOURS) * len(SHAPES) + len(BACKGROUNDS))
         self.channels = tuple(channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from compinv.artifacts import atomic_write_text, ensure_writable_dir, load_optimizer_tensors, optimizer_tensors, save_tensors
 from compinv.errors import CompinvError
 from compinv.toy import world_v2
-from compinv.toy.classifier import _augment, _lr
+from compinv.toy.classifier import _augment, _lr, conv_features
 from compinv.toy.world import BACKGROUNDS
 
 FORMAT = "compinv-toy-classifier-v2"
@@ -44,16 +44,8 @@ class PatternClassifier(nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = CHANNELS) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        width = 3
-        for i, out in enumerate(channels):
-            if i:
-                layers.append(nn.MaxPool2d(2))
-            for _ in range(2 if i else 1):
-                layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-                width = out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(width, sum(HEADS))
+        self.features = conv_features(channels)
+        self.head = nn.Linear(channels[-1], sum(HEADS))
         self.channels = tuple(channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

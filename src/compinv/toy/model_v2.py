@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
-from compinv.artifacts import ensure_writable_dir, load_optimizer_tensors, save_tensors
+from compinv.artifacts import ensure_writable_dir, load_optimizer_tensors
 from compinv.data import TEXTUAL_INVERSION_TEMPLATES as OBJECT_TEMPLATES
 from compinv.errors import CompinvError
 from compinv.toy import world_v2
