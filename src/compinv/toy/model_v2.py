@@ -45,6 +45,7 @@ from compinv.toy.model import (
     _lr,
     _read_state,
     _set_lr,
+    _tokenizer,
     save_toy_model,
     token_ids,
 )
@@ -70,6 +71,7 @@ class ToyModelV2Settings:
     unet_channels: tuple[int, int] = (96, 192)
     layers_per_block: int = 1
     empty_caption_p: float = 0.1
+    padding_mask_p: float = 0.5  # share of captions whose padding the UNet cannot see (docs/toy-v2.md)
     min_snr_gamma: float = 5.0
     train_text_encoder: bool = False  # True: v1's recipe (the text tower learns with the UNet), a control
     eval_scenes: int = 256  # held-out scenes for the CLIP's retrieval and the autoencoder's PSNR
@@ -115,6 +117,19 @@ def _captions(scenes: list[world_v2.SceneV2], gen: torch.Generator, empty_p: flo
     templates = torch.randint(0, 10_000, (len(scenes),), generator=gen).tolist()
     return ["" if d < empty_p else training_caption(s, (d - empty_p) / (1 - empty_p), t)
             for s, d, t in zip(scenes, draws, templates)]
+
+
+def padding_dropout(ids: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """[B, T] cross-attention keep mask: in the `masked` rows, 0 on the padding after the first
+    `<|endoftext|>`.
+
+    The CLIP tokenizer pads with `<|endoftext|>`, and a causal text tower makes each padding state
+    a summary of the whole caption, so a UNet may read that summary instead of the words. Hiding
+    the padding from part of the batch forces it to read the words; stock pipelines, which show
+    the padding, still see captions as the unmasked rows did.
+    """
+    after_eos = (ids == _tokenizer().eos_token_id).long().cumsum(1) > 1  # pads are EOS, as in SD 1.x
+    return (~(after_eos & masked[:, None])).float()
 
 
 def pixels(scenes: list[world_v2.SceneV2]) -> torch.Tensor:
@@ -283,13 +298,15 @@ def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, se
             posterior = vae.encode(pixels(scenes)).latent_dist
             latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen))
             latents = latents * state["scaling_factor"]
+        ids = token_ids(captions)
         with torch.set_grad_enabled(settings.train_text_encoder):
-            states = text_encoder(token_ids(captions))[0]
+            states = text_encoder(ids)[0]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
+        keep = padding_dropout(ids, torch.rand(len(scenes), generator=gen) < settings.padding_mask_p)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            pred = unet(noisy, t, encoder_hidden_states=states).sample
+            pred = unet(noisy, t, encoder_hidden_states=states, encoder_attention_mask=keep).sample
         per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         return _optimise(opt, (per_sample * weight[t]).mean(), _lr(i, settings.steps, settings.lr), 1.0)
 
