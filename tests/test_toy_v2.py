@@ -192,3 +192,57 @@ def test_evaluate_model_blocks_padding_and_says_so(tmp_path, capsys):
     assert np.abs(plain - blocked).max() > 0.05  # the shipped v1 model reads its padding
     assert main(["toy", "evaluate-model", "--n", "2", "--block-padding", "--out", str(tmp_path / "s.json")]) in (0, None)
     assert json.loads((tmp_path / "s.json").read_text())["block_padding"] is True
+
+
+def test_padding_dropout_hides_only_the_padding_of_the_chosen_rows():
+    ids = model_v2.token_ids(["a red star on grass", ""])
+    keep = model_v2.padding_dropout(ids, torch.tensor([True, False]))
+    eos = ids[0].tolist().index(49407)
+    assert keep[0, : eos + 1].eq(1).all() and keep[0, eos + 1:].eq(0).all()
+    assert keep[1].eq(1).all()  # not chosen: the UNet sees its padding, as stock pipelines show it
+
+
+class _Oracle:
+    """A v2 'classifier' that reports the scenes it is given, to check the scoring rules."""
+
+    def __init__(self, scenes, drop_pattern: bool = False):
+        from compinv.toy.classifier_v2 import HEADS, Predictions, _C, _P, _S, targets
+
+        pairs, patterns, backgrounds = targets(scenes)
+        if drop_pattern:
+            patterns = torch.zeros_like(patterns)
+        self.predictions = Predictions(pairs.reshape(-1, len(_C), len(_S)).numpy(),
+                                       patterns.reshape(-1, len(_P), len(_S)).numpy(),
+                                       torch.nn.functional.one_hot(backgrounds, HEADS[2]).float().numpy())
+
+    def predict(self, images):
+        return self.predictions
+
+
+def test_v2_scores_follow_the_captions():
+    from compinv.toy.metrics_v2 import heldout_scenes, score_generations_v2
+
+    scenes = heldout_scenes(16)
+    images = world_v2.render(scenes)
+    perfect = score_generations_v2(_Oracle(scenes), images, scenes)
+    assert perfect["background"] == perfect["colours_one"] == perfect["patterns"] == perfect["all_right"] == 1.0
+    no_patterns = score_generations_v2(_Oracle(scenes, drop_pattern=True), images, scenes)
+    assert no_patterns["patterns"] == 0.0 and no_patterns["all_right"] == 0.0 and no_patterns["colours_one"] == 1.0
+
+
+def test_evaluate_model_v2_needs_its_classifier_and_scores_identity(whole, tmp_path, capsys):
+    import json
+
+    from helpers import cli_error
+
+    from compinv.cli import main
+    from compinv.toy.classifier_v2 import train_pattern_classifier
+
+    line = cli_error(capsys, ["toy", "evaluate-model", "--model", str(whole.out), "--n", "2"])
+    assert "--classifier" in line and "--version 2" in line
+    train_pattern_classifier(tmp_path / "cls", steps=1, batch_size=2, progress=False)
+    assert main(["toy", "evaluate-model", "--model", str(whole.out), "--classifier", str(tmp_path / "cls"),
+                 "--n", "2", "--identity-images", "1", "--out", str(tmp_path / "s.json")]) in (0, None)
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert {f"identity/{c.name}" for c in world_v2.CONCEPTS} <= set(scores)
+    assert {"patterns", "colours_two", "identity_min"} <= set(scores)

@@ -11,6 +11,16 @@ from compinv.errors import CompinvError
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
+    if args.version == 2:
+        from compinv.toy.classifier_v2 import load_pattern_classifier, train_pattern_classifier
+        from compinv.toy.metrics_v2 import classifier_accuracy
+
+        steps = train_pattern_classifier(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                         lr=args.lr, resume=args.resume, checkpoint_every=args.checkpoint_every)
+        scores = classifier_accuracy(load_pattern_classifier(args.out), args.eval_renders) if args.eval_renders else {}
+        print(f"v2 classifier after {steps} steps in {args.out} ("
+              + (", ".join(f"{k} {v:.4f}" for k, v in scores.items()) or "not evaluated") + ")")
+        return
     from compinv.toy.classifier import train_classifier
 
     run = train_classifier(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
@@ -69,14 +79,25 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> None:
     import json
 
     from compinv.artifacts import atomic_write_text
-    from compinv.toy.ablation import evaluate_toy_model
-    from compinv.toy.classifier import load_classifier
+    from compinv.toy.ablation import evaluate_toy_model, evaluate_toy_model_v2, toy_version
     from compinv.toy.model import load_toy_model
 
-    scores = evaluate_toy_model(load_toy_model(args.model), load_classifier(), args.n, args.seed,
-                                block_padding=args.block_padding)
+    pipe = load_toy_model(args.model)
+    if toy_version(pipe) == 2:
+        from compinv.toy.classifier_v2 import load_pattern_classifier
+
+        if args.classifier is None:
+            raise CompinvError("--classifier: a v2 toy model needs the v2 classifier's folder "
+                               "(train one with `compinv toy train-classifier --version 2`)")
+        scores = evaluate_toy_model_v2(pipe, load_pattern_classifier(args.classifier), args.n, args.seed,
+                                       block_padding=args.block_padding, identity_images=args.identity_images)
+    else:
+        from compinv.toy.classifier import load_classifier
+
+        scores = evaluate_toy_model(pipe, load_classifier(args.classifier), args.n, args.seed,
+                                    block_padding=args.block_padding)
     for key, value in scores.items():
-        print(f"{key:<14}{value:.3f}" if isinstance(value, float) else f"{key:<14}{value}")
+        print(f"{key:<26}{value:.3f}" if isinstance(value, float) else f"{key:<26}{value}")
     if args.out:
         atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", "block_padding": args.block_padding, **scores}, indent=2))
 
@@ -96,6 +117,8 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train-classifier", help="train the toy world's attribute classifier",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--out", default="toy-classifier", help="folder for the weights and classifier.json")
+    train.add_argument("--version", type=int, choices=(1, 2), default=1,
+                       help="toy world: 1 (colours and shapes) or 2 (with patterns, 48 px)")
     train.add_argument("--steps", type=int, default=3000, help="optimisation steps (fresh renders each)")
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
@@ -134,6 +157,10 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--block-padding", action="store_true",
                           help="cross-attention ignores the padding after <|endoftext|> (renormalised "
                                "over the rest): does the model read its words or a pooled summary?")
+    evaluate.add_argument("--classifier", default=None,
+                          help="classifier folder (default for a v1 model: the shipped one; a v2 model needs one)")
+    evaluate.add_argument("--identity-images", type=int, default=20,
+                          help="v2: images of each toy concept described in words (the identity bar)")
     evaluate.add_argument("--out", default=None, help="also write the scores to this JSON file")
     evaluate.set_defaults(func=_cmd_evaluate_model)
 
