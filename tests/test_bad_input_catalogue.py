@@ -207,6 +207,7 @@ CASES = [
     ("height-not-multiple", generate("--height", "100", model=False), "--height", "must be a multiple of 8"),
     ("width-huge", generate("--width", "99999", model=False), "--width", "99999"),
     ("num-images-huge", generate("--num-images", "100000", model=False), "--num-images", "100000"),
+    ("generate-batch-size-zero", generate("--batch-size", "0", model=False), "--batch-size", "0"),
     ("scheduler-unknown", generate("--scheduler", "lsm", model=False), "--scheduler", "use one of"),
     # ---- --box: the layout is checked first (before step counts) -----------------------------------
     ("box-reversed-before-steps", generate("--box", "cat=0.5,0.2,0.1,0.8", model=False), "--box", "x0 < x1"),

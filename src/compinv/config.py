@@ -330,7 +330,7 @@ def _concept_entry(entry: Any, where: str) -> ConceptSpec:
 
 
 _GENERATE_RANGES = (
-    ("num_images", 1, 1000, True, True), ("steps", 1, 1000, True, True),
+    ("num_images", 1, 1000, True, True), ("batch_size", 1, 1000, True, True), ("steps", 1, 1000, True, True),
     ("guidance_scale", 0.0, 1000.0, True, True), ("seed", 0, 2**32 - 1, True, True),
     ("loss_scale", 0.0, 1e6, False, True), ("loss_threshold", 0.0, 1e6, True, True),
     ("max_iterations", 1, 100, True, True), ("guided_steps", 0, 1000, True, True),
@@ -350,6 +350,9 @@ class GenerateConfig:
     prompt: str = option(None, "the prompt; learned tokens are used as written ('<cute-cat>')")
     negative_prompt: str = option(None, "what to steer away from")
     num_images: int = option(4, "images to generate")
+    batch_size: int = option(4, "images per pipeline call (one UNet pass per step and guidance "
+                                "iteration, each image with its own layout); lower it if memory "
+                                "runs out, the images stay the same")
     steps: int = option(50, "denoising steps")
     guidance_scale: float = option(7.5, "classifier-free guidance scale")
     height: int = option(None, "image height in pixels (default: the model's)")

@@ -44,7 +44,9 @@ def load_embeddings(pipe: StableDiffusionPipeline, files: list[str | Path]) -> l
 
 
 def generate(config: GenerateConfig) -> list[Path]:
-    """Generate `num_images` images of `prompt`; image i uses seed + i. Returns the PNG paths."""
+    """Generate `num_images` images of `prompt`, `batch_size` per pipeline call (guidance runs
+    a call's images, each with its own layout, in one UNet pass); image i uses seed + i whatever
+    the batch, so any image can be remade alone. Returns the PNG paths."""
     cfg = config.resolved()
     layout = _layout_request(cfg)
     with output_folder(cfg.out) as out:
@@ -81,23 +83,26 @@ def _generate(cfg: GenerateConfig, out: Path, layout: dict) -> list[Path]:
         pipe.concept_anchors = {**getattr(pipe, "concept_anchors", {}),
                                 **dict(_anchor_flag(spec) for spec in cfg.anchors)}
     paths, losses, heat_maps, layouts, pictures = [], [], [], [], []
-    for i in range(cfg.num_images):
-        generator = torch.Generator(device=pipe.device).manual_seed(cfg.seed + i)
+    for start in range(0, cfg.num_images, cfg.batch_size):
+        indices = range(start, min(start + cfg.batch_size, cfg.num_images))
+        generators = [torch.Generator(device=pipe.device).manual_seed(cfg.seed + i) for i in indices]
         result = pipe(
             cfg.prompt, negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-            generator=generator, **layout,
+            num_images_per_prompt=len(indices), generator=generators, **layout,
         )
-        image = result.images[0]
-        paths.append(save_image(image, out / f"{i:04d}.png"))
-        if layout:
+        for j, i in enumerate(indices):
+            image = result.images[j]
+            paths.append(save_image(image, out / f"{i:04d}.png"))
+            if not layout:
+                continue
+            image_layout = result.layouts[j] if result.layouts else []
             if result.layouts:
-                layouts.append(result.layouts[0])
-                losses.append(result.guidance_losses)
-            heat_maps += _save_heat_maps(image, result, out, i)
+                layouts.append(image_layout)
+                losses.append(result.image_guidance_losses[j])
+            heat_maps += _save_heat_maps(image, result, j, image_layout, out, i)
             if cfg.save_layout:
-                picture = layout_picture(image, result.layouts[0] if result.layouts else [])
-                pictures.append(save_image(picture, out / f"layout-{i:04d}.png"))
+                pictures.append(save_image(layout_picture(image, image_layout), out / f"layout-{i:04d}.png"))
     record = {
         "config": {k: v for k, v in vars(cfg).items()},
         "tokens_loaded": tokens,
@@ -115,14 +120,15 @@ def _generate(cfg: GenerateConfig, out: Path, layout: dict) -> list[Path]:
     return paths
 
 
-def _save_heat_maps(image: Image.Image, result, out: Path, index: int) -> list[Path]:
-    """attention-<image>-<phrase>.png for each phrase, when attention maps were asked for."""
+def _save_heat_maps(image: Image.Image, result, row: int, layout, out: Path, index: int) -> list[Path]:
+    """attention-<image>-<phrase>.png for each phrase of batch row `row`, when attention maps
+    were asked for."""
     if not result.attention_maps:
         return []
-    boxes = dict(result.layouts[0] if result.layouts else [])
+    boxes = dict(layout)
     paths = []
     for k, (phrase, heat) in enumerate(result.attention_maps.items()):
-        picture = heat_map_picture(image, heat[0].numpy(), boxes.get(phrase, ()))
+        picture = heat_map_picture(image, heat[row].numpy(), boxes.get(phrase, ()))
         slug = "".join(c if c.isalnum() else "-" for c in phrase).strip("-") or str(k)
         paths.append(save_image(picture, out / f"attention-{index:04d}-{k}-{slug}.png"))
     return paths

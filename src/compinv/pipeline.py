@@ -343,10 +343,12 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
         with torch.no_grad():
             encoded = self.text_encoder(ids.to(self.text_encoder.device))[0].cpu()
         generator = arguments["generator"]
-        seed = (generator[0] if isinstance(generator, list) else generator)
-        sampler = torch.Generator().manual_seed(
-            (seed.initial_seed() if seed is not None else torch.initial_seed()) + 7919)
-        boxes = model.sample(encoded, model.max_phrases, temperature, sampler)
+        if isinstance(generator, list):  # each image's layout from its own seed, as its noise is
+            samplers = [_layout_sampler(generator[row]) for row in rows]
+        else:
+            samplers = [_layout_sampler(generator)] * len(rows)
+        boxes = [model.sample(encoded[k:k + 1], model.max_phrases, temperature, sampler)[0]
+                 for k, sampler in enumerate(samplers)]
         result = []
         for row, image_boxes in zip(rows, boxes):
             order = _prompt_order(texts[rows.index(row)],
@@ -454,6 +456,13 @@ class CompositionalStableDiffusionPipeline(StableDiffusionPipeline):
                                        sum(mass) / len(mass))
             per_image.append(maps)
         return per_image
+
+
+def _layout_sampler(generator: torch.Generator | None) -> torch.Generator:
+    """A CPU generator for layout sampling, seeded from the image's generator (not drawing from
+    it, so the image's noise is what it would be without a learned layout)."""
+    seed = generator.initial_seed() if generator is not None else torch.initial_seed()
+    return torch.Generator().manual_seed(seed + 7919)
 
 
 def _copy_generator(generator: torch.Generator) -> torch.Generator:
