@@ -30,6 +30,31 @@ def test_targets_name_both_colours_and_the_pattern_of_each_shape():
     assert background.tolist() == [0]
 
 
+def test_cell_targets_mark_the_cells_each_object_covers():
+    scene = _scene(_obj("magenta", "white", "striped", "diamond", 12.0), _obj("red", "red", "solid", "star", 36.0))
+    shape, colours, pattern = clf.cell_targets([scene], 12)
+    S, P, C = world_v2.SHAPES, world_v2.PATTERNS, list(world_v2.COLOURS)
+    assert shape[0, 6, 3] == S.index("diamond") and shape[0, 6, 9] == S.index("star")  # row y=24, x=12 / 36
+    assert pattern[0, 6, 3] == P.index("striped") and pattern[0, 6, 9] == P.index("solid")
+    assert shape[0, 0, 0] == len(S) and pattern[0, 0, 0] == -100 and colours[0, :, 0, 0].sum() == 0
+    assert set(torch.nonzero(colours[0, :, 6, 3]).flatten().tolist()) == {C.index("magenta"), C.index("white")}
+    assert set(torch.nonzero(colours[0, :, 6, 9]).flatten().tolist()) == {C.index("red")}
+    covered = int((shape[0] == S.index("diamond")).sum())  # radius 9: cells within 6.3 px of the centre
+    assert 4 <= covered <= 12 and int((shape[0] < len(S)).sum()) == 2 * covered
+
+
+def test_an_image_shows_a_pair_only_where_one_cell_is_sure_of_both():
+    n_shape = len(world_v2.SHAPES) + 1
+    shape = torch.full((1, n_shape, 2, 1), -20.0)
+    shape[0, 0, 0, 0] = shape[0, 1, 1, 0] = 20.0  # cell 0: a circle, cell 1: a square
+    colour = torch.full((1, len(world_v2.COLOURS), 2, 1), -20.0)
+    colour[0, 0, 0, 0] = colour[0, 1, 1, 0] = 20.0  # red in cell 0, orange in cell 1
+    pattern = torch.zeros(1, len(world_v2.PATTERNS), 2, 1)
+    pairs, _, _ = clf.image_probabilities(shape, colour, pattern, torch.zeros(1, 4))
+    assert pairs[0, 0, 0] > 0.99 and pairs[0, 1, 1] > 0.99  # red circle, orange square
+    assert pairs[0, 0, 1] < 0.01 and pairs[0, 1, 0] < 0.01  # not an orange circle nor a red square
+
+
 def test_has_identity_needs_both_colours_and_the_pattern_on_the_shape():
     n, C, S, P = 4, list(world_v2.COLOURS), world_v2.SHAPES, world_v2.PATTERNS
     pair, pattern = np.zeros((n, len(C), len(S))), np.zeros((n, len(P), len(S)))
@@ -44,12 +69,12 @@ def test_has_identity_needs_both_colours_and_the_pattern_on_the_shape():
 
 def test_outputs_on_rendered_scenes_and_training_lowers_the_loss():
     torch.manual_seed(0)
-    model = clf.PatternClassifier((8, 16, 16, 16))
+    model = clf.PatternClassifier((8, 16, 16))
     scenes = world_v2.sample_scenes(16, "all", 5)
     x = clf._model_input(world_v2.render(scenes))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(25):
+    for _ in range(40):
         loss = clf.loss_of(model, x, scenes)
         losses.append(float(loss.detach()))
         opt.zero_grad()
@@ -67,7 +92,7 @@ class _Stop(Exception):
 
 
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
-    monkeypatch.setattr(clf.PatternClassifier.__init__, "__defaults__", ((8, 16, 16, 16),))
+    monkeypatch.setattr(clf.PatternClassifier.__init__, "__defaults__", ((8, 16, 16),))
     clf.train_pattern_classifier(tmp_path / "whole", steps=4, batch_size=4, checkpoint_every=1, progress=False)
 
     class Bar:  # stops the run after its second step, like a killed job
