@@ -121,3 +121,12 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="batch_size=4"):
         clf.train_pattern_classifier(tmp_path / "cut", steps=4, batch_size=8, resume=True, progress=False)
     assert clf.load_pattern_classifier(tmp_path / "cut").predict(world_v2.render(world_v2.sample_scenes(2))).pair_probs.shape == (2, 11, 8)
+
+
+def test_shipped_classifier_judges_fresh_renders_and_every_concept():
+    from compinv.toy.metrics_v2 import classifier_accuracy
+
+    scores = classifier_accuracy(clf.load_pattern_classifier(), n=300, seed=5)  # seeds training never used
+    assert scores["colour_shape"] >= 0.97 and scores["pattern_shape"] >= 0.97 and scores["background"] >= 0.99
+    assert min(v for k, v in scores.items() if k.startswith("identity/")) >= 0.9
+    assert (clf.SHIPPED_DIR / clf.WEIGHTS_FILE).stat().st_size < 3_000_000

@@ -230,7 +230,7 @@ def test_v2_scores_follow_the_captions():
     assert no_patterns["patterns"] == 0.0 and no_patterns["all_right"] == 0.0 and no_patterns["colours_one"] == 1.0
 
 
-def test_evaluate_model_v2_needs_its_classifier_and_scores_identity(whole, tmp_path, capsys):
+def test_evaluate_model_v2_takes_the_shipped_or_a_given_classifier_and_scores_identity(whole, tmp_path, capsys):
     import json
 
     from helpers import cli_error
@@ -238,11 +238,35 @@ def test_evaluate_model_v2_needs_its_classifier_and_scores_identity(whole, tmp_p
     from compinv.cli import main
     from compinv.toy.classifier_v2 import train_pattern_classifier
 
-    line = cli_error(capsys, ["toy", "evaluate-model", "--model", str(whole.out), "--n", "2"])
-    assert "--classifier" in line and "--version 2" in line
+    line = cli_error(capsys, ["toy", "evaluate-model", "--model", str(whole.out), "--n", "2",
+                              "--classifier", str(tmp_path / "none")])
+    assert "none holds no classifier.json" in line and "--version 2" in line
+    assert main(["toy", "evaluate-model", "--model", str(whole.out), "--n", "1", "--identity-images", "1"]) in (0, None)
+    assert "identity_min" in capsys.readouterr().out  # no --classifier: the shipped v2 one
     train_pattern_classifier(tmp_path / "cls", steps=1, batch_size=2, progress=False)
     assert main(["toy", "evaluate-model", "--model", str(whole.out), "--classifier", str(tmp_path / "cls"),
                  "--n", "2", "--identity-images", "1", "--out", str(tmp_path / "s.json")]) in (0, None)
     scores = json.loads((tmp_path / "s.json").read_text())
     assert {f"identity/{c.name}" for c in world_v2.CONCEPTS} <= set(scores)
     assert {"patterns", "colours_two", "identity_min"} <= set(scores)
+
+
+def test_composition_prompts_and_scores_on_v2():
+    from compinv.toy.metrics_v2 import composition_prompts_v2, score_compositions_v2
+
+    concept = world_v2.CONCEPTS[0]
+    prompts = composition_prompts_v2(concept, 20)
+    assert len({p.text("<c>") for p in prompts}) == 20
+    assert all(p.shape != concept.class_word and p.background != concept.background for p in prompts)
+    assert prompts[0].text("<c>").startswith("a photo of a <c> and a")
+    shown = world_v2.PatternObject(*concept.identity, 12.0, 24.0, 9.0, 0.0)
+    both = [world_v2.SceneV2(p.background, (shown, world_v2.PatternObject(p.colour, p.colour, "solid", p.shape,
+                                                                           36.0, 24.0, 9.0, 0.0)), 0, 0)
+            for p in prompts]
+    alone = [world_v2.SceneV2(s.background, s.objects[:1], 0, 0) for s in both]
+    full = score_compositions_v2(_Oracle(both), world_v2.render(both), prompts, concept)
+    assert full["concept_inclusion"].tolist() == [1.0] * 20 and full["concept_identity"].tolist() == [1.0] * 20
+    assert full["text_alignment"].min() == 1.0
+    vanished = score_compositions_v2(_Oracle(alone), world_v2.render(alone), prompts, concept)
+    assert vanished["concept_inclusion"].max() == 0.0 and vanished["concept_identity"].min() == 1.0
+    assert vanished["text_alignment"].max() < 1.0

@@ -42,6 +42,7 @@ from compinv.toy.world import BACKGROUNDS
 
 FORMAT = "compinv-toy-classifier-v2-cells"
 CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE = "classifier.json", "classifier.safetensors", "optimizer.safetensors"
+SHIPPED_DIR = Path(__file__).parent / "weights" / "v2"  # `compinv toy train-classifier --version 2`
 CHANNELS = (32, 64, 128)
 OBJECT_CELLS = 0.7  # a cell belongs to an object when its centre is within this many radii of the object's
 _C, _S, _P = tuple(world_v2.COLOURS), world_v2.SHAPES, world_v2.PATTERNS
@@ -237,10 +238,20 @@ def _save(out: Path, model: PatternClassifier, opt: torch.optim.Optimizer, setti
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2))
 
 
-def load_pattern_classifier(folder: str | Path) -> PatternClassifier:
+def record_metrics(folder: str | Path, metrics: dict[str, float], renders: int) -> None:
+    """Keep a trained classifier's held-out scores in its classifier.json (as v1 does)."""
+    config_path = Path(folder) / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    atomic_write_text(config_path, json.dumps({**config, "metrics": metrics, "eval_renders": renders}, indent=2))
+
+
+def load_pattern_classifier(folder: str | Path | None = None) -> PatternClassifier:
+    """A trained v2 classifier in eval mode; no folder: the shipped one."""
+    folder = SHIPPED_DIR if folder is None else folder
     config_path = Path(folder) / CONFIG_FILE
     if not config_path.is_file():
-        raise CompinvError(f"`folder` {folder}: no {CONFIG_FILE}; train one with train_pattern_classifier")
+        raise CompinvError(f"{folder} holds no {CONFIG_FILE}; train one with "
+                           "`compinv toy train-classifier --version 2`")
     config = json.loads(config_path.read_text())
     if config.get("format") != FORMAT or config.get("patterns") != list(_P) or config.get("colours") != list(_C):
         raise CompinvError(f"{config_path} is not a classifier for this version of the v2 world")

@@ -12,12 +12,14 @@ from compinv.errors import CompinvError
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
     if args.version == 2:
-        from compinv.toy.classifier_v2 import load_pattern_classifier, train_pattern_classifier
+        from compinv.toy.classifier_v2 import load_pattern_classifier, record_metrics, train_pattern_classifier
         from compinv.toy.metrics_v2 import classifier_accuracy
 
         steps = train_pattern_classifier(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                          lr=args.lr, resume=args.resume, checkpoint_every=args.checkpoint_every)
         scores = classifier_accuracy(load_pattern_classifier(args.out), args.eval_renders) if args.eval_renders else {}
+        if scores:
+            record_metrics(args.out, scores, args.eval_renders)
         print(f"v2 classifier after {steps} steps in {args.out} ("
               + (", ".join(f"{k} {v:.4f}" for k, v in scores.items()) or "not evaluated") + ")")
         return
@@ -86,9 +88,6 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> None:
     if toy_version(pipe) == 2:
         from compinv.toy.classifier_v2 import load_pattern_classifier
 
-        if args.classifier is None:
-            raise CompinvError("--classifier: a v2 toy model needs the v2 classifier's folder "
-                               "(train one with `compinv toy train-classifier --version 2`)")
         scores = evaluate_toy_model_v2(pipe, load_pattern_classifier(args.classifier), args.n, args.seed,
                                        block_padding=args.block_padding, identity_images=args.identity_images)
     else:
@@ -158,7 +157,7 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="cross-attention ignores the padding after <|endoftext|> (renormalised "
                                "over the rest): does the model read its words or a pooled summary?")
     evaluate.add_argument("--classifier", default=None,
-                          help="classifier folder (default for a v1 model: the shipped one; a v2 model needs one)")
+                          help="classifier folder (default: the shipped one of the model's toy world, v1 or v2)")
     evaluate.add_argument("--identity-images", type=int, default=20,
                           help="v2: images of each toy concept described in words (the identity bar)")
     evaluate.add_argument("--out", default=None, help="also write the scores to this JSON file")

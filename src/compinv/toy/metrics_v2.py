@@ -7,15 +7,22 @@ everything right), asked of the v2 world, plus the two that v2 exists for:
 - identity: a toy concept described in words ("a magenta and white striped diamond on grass")
   is recognised (`Predictions.has_identity`), so the identity a concept's token must learn is
   something the base model can draw from its parts.
+
+Compositions (`composition_prompts_v2`, `score_compositions_v2`) ask v1's questions of "a photo
+of a <concept> and a blue square on snow" (text alignment, concept inclusion) plus whether the
+concept's identity is drawn, the judge of both halves of the vanilla-TI failure: the concept is
+learned, and the other object vanishes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from compinv.toy import world_v2
 from compinv.toy.classifier_v2 import PatternClassifier
-from compinv.toy.world import BACKGROUND_PHRASES
+from compinv.toy.world import BACKGROUND_PHRASES, BACKGROUNDS
 
 
 def heldout_scenes(n: int, seed: int = 0) -> list[world_v2.SceneV2]:
@@ -73,3 +80,58 @@ def classifier_accuracy(classifier: PatternClassifier, n: int = 2000, seed: int 
         scores[f"identity/{concept.name}"] = float(identity_recognised(
             classifier, world_v2.render_concept(concept, 20, seed), concept).mean())
     return scores
+
+
+# ---- compositions: the paper's protocol on the v2 world ------------------------------------------
+COMPOSITION_METRICS = ("text_alignment", "concept_inclusion", "concept_identity")
+
+
+@dataclass(frozen=True)
+class CompositionPromptV2:
+    """"a photo of a <concept> and a blue square on snow": the concept plus one plain object
+    the base model was trained on."""
+
+    concept: str
+    colour: str
+    shape: str
+    background: str
+
+    def text(self, token: str) -> str:
+        return f"a photo of a {token} and {self.other_phrase_with_article} {BACKGROUND_PHRASES[self.background]}"
+
+    @property
+    def other_phrase_with_article(self) -> str:
+        return world_v2.object_phrase(self.colour, self.colour, "solid", self.shape)
+
+    @property
+    def other_phrase(self) -> str:
+        """The other object's words, for layouts and attention maps."""
+        return f"{self.colour} {self.shape}"
+
+
+def composition_prompts_v2(concept: world_v2.ToyConceptV2, n: int = 20, seed: int = 0) -> list[CompositionPromptV2]:
+    """`n` distinct prompts. The other object is a solid training object (the base model draws
+    it) whose shape is not the concept's (a concept drawn as its shape is never taken for it),
+    visible on a background other than the concept's own (leaking the references' context
+    costs text alignment)."""
+    rng = np.random.default_rng([seed, world_v2.CONCEPTS.index(concept), 3])
+    options = [(c, s, b) for b in BACKGROUNDS if b != concept.background for c in world_v2.visible_colours(b)
+               for s in world_v2.SHAPES if s != concept.class_word and world_v2.is_training_object((c, c, "solid", s))]
+    picks = rng.choice(len(options), size=min(n, len(options)), replace=False)
+    return [CompositionPromptV2(concept.name, *options[i]) for i in picks]
+
+
+def score_compositions_v2(classifier: PatternClassifier, images: np.ndarray, prompts: list[CompositionPromptV2],
+                          concept: world_v2.ToyConceptV2) -> dict[str, np.ndarray]:
+    """Per-image [N] scores; images[i] was generated from prompts[i]. text_alignment: share of
+    the other object's colour, its shape and the background found; concept_inclusion: the other
+    object (its colour on its shape) found, the paper's "is the other thing there at all";
+    concept_identity: the concept recognised (both colours and its pattern on its shape)."""
+    predictions = classifier.predict(images)
+    text, inclusion = [], []
+    for pairs, background, prompt in zip(predictions.pairs(), predictions.backgrounds(), prompts):
+        colours, shapes = {c for c, _ in pairs}, {s for _, s in pairs}
+        text.append(np.mean([prompt.colour in colours, prompt.shape in shapes, background == prompt.background]))
+        inclusion.append(float((prompt.colour, prompt.shape) in pairs))
+    return {"text_alignment": np.array(text), "concept_inclusion": np.array(inclusion),
+            "concept_identity": predictions.has_identity(concept.identity).astype(float)}
