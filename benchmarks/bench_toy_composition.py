@@ -3,13 +3,18 @@
 For every toy concept, learn it with vanilla Textual Inversion and with semantic inversion (and
 the same for Custom Diffusion), then generate >= 20 composition prompts ("a photo of a <concept>
 and a blue square on snow") x >= 4 seeds without and with spatial inversion, and score every
-image with the toy metrics (compinv.toy.metrics). A reference row uses the base model with the
-concept's class word in place of the token. Each metric is reported as mean +- 95 % CI over all
-images, and as the paired difference to the vanilla variant of the same method (same prompts and
-seeds). Settings are the methods' toy defaults, identical across variants: nothing is tuned to
-make the method win. Writes benchmarks/results/toy_composition.json.
+image with the toy metrics of the model's world (v1: compinv.toy.metrics; v2, detected from the
+model: compinv.toy.metrics_v2, with the concept's identity). A reference row uses the base model
+with the concept's class word in place of the token. Each metric is reported as mean +- 95 % CI
+over all images, and as the paired difference to the vanilla variant of the same method (same
+prompts and seeds). Per row, the paper's diagnostics of the word standing for the concept (mean
+over concepts): its norm over the vocabulary's mean row norm, its and the other object's share of
+cross-attention, and (v2) how often "a photo of a <concept>" shows the concept's identity.
+Spatial rows generate a whole batch of prompts in one call, each image with its own layout.
+Settings are the methods' toy defaults, identical across variants: nothing is tuned to make the
+method win. Writes benchmarks/results/toy_composition.json (v2: toy_v2_composition.json).
 
-    python benchmarks/bench_toy_composition.py [--prompts 20] [--seeds 4] [--methods ti cd]
+    python benchmarks/bench_toy_composition.py [--model DIR] [--prompts 20] [--seeds 4] [--methods ti cd]
 """
 
 from __future__ import annotations
@@ -31,33 +36,37 @@ from compinv.toy.ablation import (
     generate,
     learn_concept,
     pipeline_with_concept,
+    probe_word,
     score_variant,
+    token_of,
+    toy_study,
+    toy_version,
     variants,
-    write_concept_images,
 )
-from compinv.toy.classifier import load_classifier
-from compinv.toy.concepts import CONCEPTS
-from compinv.toy.metrics import METRICS, composition_prompts, mean_ci
+from compinv.toy.metrics import mean_ci
 from compinv.toy.model import SHIPPED_MODEL_DIR
 
-RESULTS = Path(__file__).parent / "results" / "toy_composition.json"
+RESULTS = Path(__file__).parent / "results"
 METHOD_NAMES = {"ti": "textual-inversion", "cd": "custom-diffusion"}
 BASE = "base model, class word"
 
 
 def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_seeds: int,
-        budget: TrainingBudget, anchor_sets: tuple[str, ...] = ("class",)) -> dict:
-    classifier = load_classifier()
-    images_root = write_concept_images(work / "concepts")
+        budget: TrainingBudget, anchor_sets: tuple[str, ...] = ("class",), concepts: list[str] | None = None) -> dict:
+    base = pipeline_with_concept(model, None)
+    study = toy_study(toy_version(base))
+    classifier = study.classifier()
+    images_root = study.write_images(work / "concepts")
     seeds = list(range(n_seeds))
     scores: dict[str, dict[str, list[np.ndarray]]] = {}
+    probes: dict[str, list[dict[str, float]]] = {}
     timings: dict[str, float] = {}
-    for concept in CONCEPTS:
-        prompts = composition_prompts(concept, n_prompts)
-        base = pipeline_with_concept(model, None)
+    for concept in [c for c in study.concepts if concepts is None or c.name in concepts]:
+        prompts = study.prompts(concept, n_prompts)
         texts = [p.text(concept.class_word) for p in prompts for _ in seeds]
         images = generate(base, texts, [s for _ in prompts for s in seeds])
-        _add(scores, BASE, score_variant(classifier, images, concept, prompts, seeds))
+        _add(scores, BASE, score_variant(study, classifier, images, concept, prompts, seeds))
+        probes.setdefault(BASE, []).append(probe_word(study, classifier, base, concept, concept.class_word, prompts[0]))
         runs: dict[tuple[str, bool, str], Path] = {}
         for variant in variants(methods, anchor_sets):
             if variant.training not in runs:
@@ -65,15 +74,24 @@ def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_see
                 runs[variant.training] = learn_concept(
                     model, concept, images_root / concept.name, variant.method, variant.semantic,
                     work / concept.name / "-".join(map(str, variant.training)).replace(" ", ""),
-                    budget, variant.anchors)
+                    budget, variant.anchors, resolution=study.image_size)
                 _time(timings, f"train {variant.method}", started)
             started = time.perf_counter()
             pipe = pipeline_with_concept(model, runs[variant.training])
             images = compose(pipe, concept, prompts, seeds, variant.spatial)
             _time(timings, f"generate {variant.name}", started)
-            _add(scores, variant.name, score_variant(classifier, images, concept, prompts, seeds))
+            _add(scores, variant.name, score_variant(study, classifier, images, concept, prompts, seeds))
+            if not variant.spatial:  # a plain-generation probe: the same for the spatial sibling
+                probes.setdefault(variant.name, []).append(
+                    probe_word(study, classifier, pipe, concept, token_of(concept), prompts[0]))
             print(f"{concept.name}: {variant.name} done", flush=True)
-    return _summarise(scores, variants(methods, anchor_sets), timings)
+    rows = variants(methods, anchor_sets)
+    for variant in rows:
+        if variant.spatial:
+            probes[variant.name] = probes[Variant(variant.method, variant.semantic, False, variant.anchors).name]
+    return {**_summarise(scores, rows, timings, study.metrics),
+            "probes": {name: {k: float(np.mean([p[k] for p in per])) for k in per[0]} for name, per in probes.items()},
+            "version": study.version}
 
 
 def _add(scores: dict, name: str, new: dict[str, np.ndarray]) -> None:
@@ -85,7 +103,7 @@ def _time(timings: dict[str, float], key: str, started: float) -> None:
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
 
 
-def _summarise(scores: dict, rows: list[Variant], timings: dict[str, float]) -> dict:
+def _summarise(scores: dict, rows: list[Variant], timings: dict[str, float], metrics: tuple[str, ...]) -> dict:
     """Mean +- CI per row and metric, and the paired difference to the method's vanilla row."""
     flat = {name: {m: np.concatenate(v) for m, v in per.items()} for name, per in scores.items()}
     vanilla = {v.method: v.name for v in rows if not v.semantic and not v.spatial}
@@ -95,28 +113,32 @@ def _summarise(scores: dict, rows: list[Variant], timings: dict[str, float]) -> 
         baseline = flat[vanilla[variant.method]] if variant else None
         table[name] = {m: {"mean_ci": mean_ci(per[m]),
                            "diff_to_vanilla_ci": mean_ci(per[m] - baseline[m]) if baseline else None}
-                       for m in METRICS}
-    return {"rows": table, "images_per_row": len(next(iter(flat.values()))[METRICS[0]]),
+                       for m in metrics}
+    return {"rows": table, "metrics": list(metrics), "images_per_row": len(next(iter(flat.values()))[metrics[0]]),
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 
 
 def table(summary: dict) -> str:
-    header = f"{'variant':<28}" + "".join(f"{m.replace('_', ' '):>24}" for m in METRICS)
+    metrics = summary["metrics"]
+    probe_keys = list(next(iter(summary["probes"].values())))
+    header = (f"{'variant':<28}" + "".join(f"{m.replace('_', ' '):>24}" for m in metrics)
+              + "".join(f"{k.replace('_', ' '):>16}" for k in probe_keys))
     lines = [header, "-" * len(header)]
     for name, row in summary["rows"].items():
         cells = []
-        for m in METRICS:
+        for m in metrics:
             mean, half = row[m]["mean_ci"]
             diff = row[m]["diff_to_vanilla_ci"]
             delta = f" ({diff[0]:+.2f})" if diff and name not in ("TI", "CD") else ""
             cells.append(f"{mean:.3f}±{half:.3f}{delta}".rjust(24))
+        cells += [f"{summary['probes'][name][k]:.3f}".rjust(16) for k in probe_keys]
         lines.append(f"{name:<28}" + "".join(cells))
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="toy model folder")
+    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="toy model folder (v1 or v2)")
     parser.add_argument("--prompts", type=int, default=20, help="composition prompts per concept")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--methods", nargs="+", default=["ti", "cd"], choices=sorted(METHOD_NAMES))
@@ -124,20 +146,23 @@ def main() -> None:
     parser.add_argument("--cd-steps", type=int, default=TrainingBudget.cd_steps)
     parser.add_argument("--anchor-sets", nargs="+", default=["class"], choices=list(ANCHOR_SETS),
                         help="anchors of the semantic rows (several: one row pair each)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write")
+    parser.add_argument("--concepts", nargs="+", default=None, help="only these toy concepts (default: all)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSON file to write (default: results/toy_composition.json, v2: toy_v2_composition.json)")
     args = parser.parse_args()
     budget = TrainingBudget(ti_steps=args.ti_steps, cd_steps=args.cd_steps)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
         summary = run(Path(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
-                      args.prompts, args.seeds, budget, tuple(args.anchor_sets))
-    summary.update(anchor_sets=args.anchor_sets, prompts_per_concept=args.prompts, seeds=args.seeds, concepts=[c.name for c in CONCEPTS],
-                   budget=asdict(budget), model=args.model,
+                      args.prompts, args.seeds, budget, tuple(args.anchor_sets), args.concepts)
+    summary.update(anchor_sets=args.anchor_sets, prompts_per_concept=args.prompts, seeds=args.seeds,
+                   concepts=args.concepts or "all", budget=asdict(budget), model=args.model,
                    total_minutes=round((time.perf_counter() - started) / 60, 1))
     print(table(summary))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {args.results}")
+    results = args.results or RESULTS / ("toy_v2_composition.json" if summary["version"] == 2 else "toy_composition.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

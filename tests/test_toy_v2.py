@@ -270,3 +270,31 @@ def test_composition_prompts_and_scores_on_v2():
     vanished = score_compositions_v2(_Oracle(alone), world_v2.render(alone), prompts, concept)
     assert vanished["concept_inclusion"].max() == 0.0 and vanished["concept_identity"].min() == 1.0
     assert vanished["text_alignment"].max() < 1.0
+
+
+def test_ablation_runs_on_the_v2_world(whole, tmp_path):
+    """What the composition benchmark does per concept, at tiny scale on a tiny v2 model: learn
+    the concept at 48 px, compose with and without (batched, per-image) layouts, score, probe."""
+    from compinv.toy.ablation import (TrainingBudget, compose, learn_concept, pipeline_with_concept, probe_word,
+                                      score_variant, token_of, toy_study, toy_version)
+
+    base = pipeline_with_concept(whole.out, None)
+    study = toy_study(toy_version(base))
+    assert study.version == 2 and study.image_size == 48
+    concept = study.concepts[1]
+    images = study.write_images(tmp_path / "concepts") / concept.name
+    assert len(list(images.glob("*.png"))) == 5
+    run = learn_concept(whole.out, concept, images, "textual-inversion", False, tmp_path / "ti",
+                        TrainingBudget(ti_steps=2, batch_size=1), resolution=study.image_size)
+    pipe = pipeline_with_concept(whole.out, run)
+    prompts = study.prompts(concept, 2)
+    plain = compose(pipe, concept, prompts, [0, 1], spatial=False)
+    guided = compose(pipe, concept, prompts, [0, 1], spatial=True, batch_size=3)  # two calls: 3 + 1 images
+    assert plain.shape == guided.shape == (4, 48, 48, 3) and not np.allclose(plain, guided)
+    scores = score_variant(study, study.classifier(), guided, concept, prompts, [0, 1])
+    assert set(scores) == set(study.metrics) and all(len(v) == 4 for v in scores.values())
+    probe = probe_word(study, study.classifier(), pipe, concept, token_of(concept), prompts[0], identity_images=2)
+    assert probe["norm_ratio"] > 0 and 0 < probe["concept_share"] < 1 and 0 < probe["other_share"] < 1
+    assert 0 <= probe["identity_alone"] <= 1
+    class_probe = probe_word(study, study.classifier(), base, concept, concept.class_word, prompts[0], identity_images=1)
+    assert class_probe["concept_share"] != probe["concept_share"]

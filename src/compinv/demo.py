@@ -28,6 +28,7 @@ from compinv.toy.ablation import (
     pipeline_with_concept,
     score_variant,
     token_of,
+    toy_study,
     variants,
     write_concept_images,
 )
@@ -92,7 +93,7 @@ def _variant_section(out: Path, pipe, variant: Variant, toy, prompts, seeds, cla
         heat_rows.append([first] + [heat_map_picture(first, maps[p][0].numpy(), boxes.get(p, ()))
                                     for p in phrases])
     images = np.concatenate(rows)
-    scores = score_variant(classifier, images, toy, prompts, seeds)
+    scores = score_variant(toy_study(1), classifier, images, toy, prompts, seeds)
     slug = variant.name.lower().replace(" + ", "-")
     grid = save_image(_grid([[_to_pil(im) for im in row] for row in rows]), out / f"{slug}.png")
     maps = save_image(_grid(heat_rows), out / f"{slug}-attention.png")

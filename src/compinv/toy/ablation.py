@@ -9,8 +9,10 @@ intervals), so that the demo shows exactly what the benchmark measures.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +23,20 @@ from compinv.methods import METHODS as REGISTRY
 from compinv.diagnostics import padding_blocked
 from compinv.models import load_pipeline
 from compinv.pipeline import CompositionalStableDiffusionPipeline
-from compinv.toy.classifier import AttributeClassifier
+from compinv.toy.classifier import AttributeClassifier, load_classifier
 from compinv.toy import world_v2
-from compinv.toy.classifier_v2 import PatternClassifier
-from compinv.toy.concepts import ToyConcept, render_concept, write_concepts
-from compinv.toy.metrics import CompositionPrompt, heldout_captions, score_compositions, score_generations
-from compinv.toy.metrics_v2 import heldout_scenes, identity_prompt, identity_recognised, score_generations_v2
+from compinv.toy.classifier_v2 import PatternClassifier, load_pattern_classifier
+from compinv.toy.concepts import CONCEPTS, ToyConcept, render_concept, write_concepts
+from compinv.toy.metrics import METRICS, composition_prompts, heldout_captions, score_compositions, score_generations
+from compinv.toy.metrics_v2 import (
+    COMPOSITION_METRICS,
+    composition_prompts_v2,
+    heldout_scenes,
+    identity_prompt,
+    identity_recognised,
+    score_compositions_v2,
+    score_generations_v2,
+)
 from compinv.toy.world import IMAGE_SIZE, caption
 from compinv.training import train
 
@@ -94,8 +104,9 @@ def token_of(concept: ToyConcept) -> str:
     return f"<{concept.name}>"
 
 
-def learn_concept(model: Path, concept: ToyConcept, images: Path, method: str, semantic: bool,
-                  out: Path, budget: TrainingBudget = TrainingBudget(), anchors: str = "class") -> Path:
+def learn_concept(model: Path, concept: ToyConcept | world_v2.ToyConceptV2, images: Path, method: str,
+                  semantic: bool, out: Path, budget: TrainingBudget = TrainingBudget(), anchors: str = "class",
+                  resolution: int = IMAGE_SIZE) -> Path:
     """Train one toy concept; vanilla (`semantic=False`) drops the anchor loss, nothing else.
 
     The class word initialises the token and is its anchor, but stays out of the prompts
@@ -104,7 +115,7 @@ def learn_concept(model: Path, concept: ToyConcept, images: Path, method: str, s
     config_class = REGISTRY[method].config_class
     train(config_class(
         model=str(model), images=str(images), token=token_of(concept), init_word=concept.class_word,
-        anchor_word=concept.class_word, resolution=IMAGE_SIZE, batch_size=budget.batch_size,
+        anchor_word=concept.class_word, resolution=resolution, batch_size=budget.batch_size,
         grad_accum=1, seed=budget.seed, out=str(out), checkpoint_every=0, save_every=0,
         validation_every=0, no_anchor=not semantic, steps=budget.steps(method),
         **TOY_SETTINGS[method], **ANCHOR_SETS[anchors]))
@@ -152,21 +163,87 @@ def generate_per_prompt(pipe: CompositionalStableDiffusionPipeline, prompt: str,
     return result.images, getattr(result, "attention_maps", None)
 
 
-def compose(pipe: CompositionalStableDiffusionPipeline, concept: ToyConcept,
-            prompts: list[CompositionPrompt], seeds: list[int], spatial: bool) -> np.ndarray:
-    """Every prompt x every seed, in prompt-major order."""
+def compose(pipe: CompositionalStableDiffusionPipeline, concept: ToyConcept | world_v2.ToyConceptV2,
+            prompts: list, seeds: list[int], spatial: bool, batch_size: int = 64) -> np.ndarray:
+    """Every prompt x every seed, in prompt-major order; with `spatial`, every image guided
+    with its own phrases side by side, `batch_size` images per call (one UNet pass per step
+    and guidance iteration)."""
     token = token_of(concept)
+    texts = [p.text(token) for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
     if not spatial:
-        return generate(pipe, [p.text(token) for p in prompts for _ in seeds],
-                        [s for _ in prompts for s in seeds])
-    return np.concatenate([generate_per_prompt(pipe, p.text(token), [token, p.other_phrase], seeds, True, False)[0]
-                           for p in prompts])
+        return generate(pipe, texts, all_seeds, batch_size)
+    phrases = [[token, p.other_phrase] for p in prompts for _ in seeds]
+    images = []
+    for start in range(0, len(texts), batch_size):
+        chunk = slice(start, start + batch_size)
+        images.append(pipe(texts[chunk], layout="auto", phrases=phrases[chunk], num_inference_steps=STEPS,
+                           guidance_scale=GUIDANCE_SCALE, output_type="np",
+                           generator=[torch.Generator().manual_seed(s) for s in all_seeds[chunk]]).images)
+    return np.concatenate(images)
 
 
-def score_variant(classifier: AttributeClassifier, images: np.ndarray, concept: ToyConcept,
-                  prompts: list[CompositionPrompt], seeds: list[int]) -> dict[str, np.ndarray]:
-    per_image = [p for p in prompts for _ in seeds]
-    return score_compositions(classifier, images, per_image, render_concept(concept), concept)
+def score_variant(study: ToyStudy, classifier, images: np.ndarray, concept, prompts: list,
+                  seeds: list[int]) -> dict[str, np.ndarray]:
+    """Per-image scores of images from `compose` (prompt-major, every seed)."""
+    return study.score(classifier, images, [p for p in prompts for _ in seeds], concept)
+
+
+@dataclass(frozen=True)
+class ToyStudy:
+    """What the ablation needs of one toy world, so the demo and the benchmark run on v1 or
+    v2 alike: its concepts, image size, metrics, composition prompts, judge, per-image scores
+    and the concepts' reference photos."""
+
+    version: int
+    concepts: tuple
+    image_size: int
+    metrics: tuple[str, ...]
+    prompts: Callable[[Any, int], list]
+    classifier: Callable[[], Any]
+    score: Callable[[Any, np.ndarray, list, Any], dict[str, np.ndarray]]
+    write_images: Callable[[Path], Path]
+
+
+def toy_study(version: int) -> ToyStudy:
+    """The ablation's view of toy world 1 or 2."""
+    if version == 2:
+        def write_v2(out: Path) -> Path:
+            return out if (out / "concepts.json").is_file() else world_v2.write_concepts(out)
+
+        return ToyStudy(2, world_v2.CONCEPTS, world_v2.IMAGE_SIZE, COMPOSITION_METRICS, composition_prompts_v2,
+                        load_pattern_classifier, score_compositions_v2, write_v2)
+    return ToyStudy(1, CONCEPTS, IMAGE_SIZE, METRICS, composition_prompts, load_classifier,
+                    lambda clf, images, prompts, concept: score_compositions(
+                        clf, images, prompts, render_concept(concept), concept),
+                    write_concept_images)
+
+
+def probe_word(study: ToyStudy, classifier, pipe: CompositionalStableDiffusionPipeline, concept, word: str,
+               prompt, identity_images: int = 20) -> dict[str, float]:
+    """What the paper's diagnostics say of the word standing for the concept (the learned token,
+    or the class word in the base row): its vector's norm over the vocabulary's mean row norm,
+    its and the other object's share of cross-attention in one composition prompt (seeds 0, 1),
+    and, in the v2 world, how often "a photo of a <word>" shows the concept's identity."""
+    from compinv.diagnostics import attention_shares
+    from compinv.inspection import learned_vectors
+    from compinv.spatial.phrases import phrase_positions
+
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().float()
+    vector = learned_vectors(pipe, [word])[word][0] if word in pipe.tokenizer.get_vocab() else table[
+        pipe.tokenizer(word, add_special_tokens=False).input_ids].mean(0)
+    text = prompt.text(word)
+    shares = attention_shares(pipe, text, STEPS, GUIDANCE_SCALE, seeds=(0, 1))
+    by_position = {q: s.share / len(s.positions) for s in shares for q in s.positions}
+    positions = phrase_positions(pipe.tokenizer, text, [word, prompt.other_phrase],
+                                 expand=lambda t: pipe.maybe_convert_prompt(t, pipe.tokenizer))
+    result = {"norm_ratio": float(vector.norm() / table.norm(dim=1).mean()),
+              "concept_share": sum(by_position[q] for q in positions[word]),
+              "other_share": sum(by_position[q] for q in positions[prompt.other_phrase])}
+    if study.version == 2:
+        drawn = generate(pipe, [f"a photo of a {word}"] * identity_images, list(range(identity_images)))
+        result["identity_alone"] = float(identity_recognised(classifier, drawn, concept).mean())
+    return result
 
 
 def evaluate_toy_model(pipe: StableDiffusionPipeline, classifier: AttributeClassifier,

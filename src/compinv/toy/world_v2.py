@@ -22,11 +22,15 @@ Rendering reuses v1's anti-aliased masks and background textures, at 48 px.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from compinv.artifacts import atomic_write_text, save_image
 from compinv.errors import CompinvError
 from compinv.toy.concepts import diamond_mask, heart_mask
 from compinv.toy.world import (
@@ -281,3 +285,18 @@ def render_concept(concept: ToyConceptV2, n: int = 5, seed: int = 0) -> np.ndarr
                                      float(rng.uniform(-0.3, 0.3))))
     image = background_pixels([concept.background] * n, rng.integers(TEXTURES, size=n).tolist(), IMAGE_SIZE)
     return np.clip(np.rint(paint_objects(image, objects)), 0, 255).astype(np.uint8)
+
+
+def write_concepts(out: str | Path, n: int = 5, seed: int = 0) -> Path:
+    """out/<name>/00.png ... for every v2 concept, plus out/concepts.json (the user's photos of
+    the toy study); refuses a folder that already holds concept folders."""
+    out = Path(out)
+    existing = [c.name for c in CONCEPTS if (out / c.name).exists()]
+    if existing:
+        raise CompinvError(f"{out} already holds concept folders {existing}; choose a new folder")
+    for concept in CONCEPTS:
+        for i, pixels in enumerate(render_concept(concept, n, seed)):
+            save_image(Image.fromarray(pixels), out / concept.name / f"{i:02d}.png")
+    index = {c.name: {**asdict(c), "description": c.description, "images": n} for c in CONCEPTS}
+    atomic_write_text(out / "concepts.json", json.dumps({"seed": seed, "concepts": index}, indent=2))
+    return out
