@@ -44,7 +44,7 @@ from compinv.toy.ablation import (
     variants,
 )
 from compinv.toy.metrics import mean_ci
-from compinv.toy.model import SHIPPED_MODEL_DIR
+from compinv.toy.model import shipped_or_folder
 
 RESULTS = Path(__file__).parent / "results"
 METHOD_NAMES = {"ti": "textual-inversion", "cd": "custom-diffusion"}
@@ -138,7 +138,7 @@ def table(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="toy model folder (v1 or v2)")
+    parser.add_argument("--model", default="v1", help="toy model folder, or a shipped one: v1, v2")
     parser.add_argument("--prompts", type=int, default=20, help="composition prompts per concept")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--methods", nargs="+", default=["ti", "cd"], choices=sorted(METHOD_NAMES))
@@ -153,7 +153,7 @@ def main() -> None:
     budget = TrainingBudget(ti_steps=args.ti_steps, cd_steps=args.cd_steps)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
-        summary = run(Path(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
+        summary = run(shipped_or_folder(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
                       args.prompts, args.seeds, budget, tuple(args.anchor_sets), args.concepts)
     summary.update(anchor_sets=args.anchor_sets, prompts_per_concept=args.prompts, seeds=args.seeds,
                    concepts=args.concepts or "all", budget=asdict(budget), model=args.model,

@@ -150,7 +150,7 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
 
     evaluate = commands.add_parser("evaluate-model", help="score a toy model on held-out captions",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    evaluate.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
+    evaluate.add_argument("--model", default=None, help="toy model folder, or a shipped one: v1 (default), v2")
     evaluate.add_argument("--n", type=int, default=400, help="held-out captions, one image each")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--block-padding", action="store_true",

@@ -61,6 +61,8 @@ from compinv.toy.world import (
 )
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "weights" / "model"  # `compinv toy train-model`
+SHIPPED_MODEL_V2_DIR = Path(__file__).parent / "weights" / "v2" / "model"  # `... train-model --version 2`
+SHIPPED_MODELS = {"v1": SHIPPED_MODEL_DIR, "v2": SHIPPED_MODEL_V2_DIR}
 STATE_FILE = "state.json"
 FORMAT = "compinv-toy-model"
 LATENT_SIZE = IMAGE_SIZE // 4
@@ -351,11 +353,19 @@ def _declare_float32(config_path: Path) -> None:
     atomic_write_text(config_path, json.dumps(config, indent=2))
 
 
+def shipped_or_folder(folder: str | Path | None) -> Path:
+    """A shipped toy model's folder by name ("v1", "v2"; None: v1), else `folder` itself."""
+    if folder is None or str(folder) in SHIPPED_MODELS:
+        return SHIPPED_MODELS[str(folder or "v1")]
+    return Path(folder)
+
+
 def load_toy_model(folder: str | Path | None = None) -> StableDiffusionPipeline:
-    """The toy pipeline in float32 (CPUs have no fast fp16); no folder: the shipped one."""
+    """The toy pipeline in float32 (CPUs have no fast fp16); no folder: the shipped v1, "v2":
+    the shipped v2."""
     from compinv.models import load_pipeline
 
-    folder = SHIPPED_MODEL_DIR if folder is None else Path(folder)
+    folder = shipped_or_folder(folder)
     if not (folder / "model_index.json").is_file():
         raise CompinvError(f"{folder} holds no toy model; train one with `compinv toy train-model`")
     return load_pipeline(folder, torch.float32)
