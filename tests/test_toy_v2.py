@@ -143,6 +143,15 @@ def test_phases_record_retrieval_psnr_and_step_times(whole):
     assert {"image_to_text", "text_to_image", "chance"} <= set(state["retrieval"])
     assert set(state["seconds_per_step"]) == {"clip", "vae", "unet"}
     assert state["vae_psnr"] > 0 and state["scaling_factor"] > 0
+    judged = state["vae_reconstructions"]  # the ceiling of every base-quality metric
+    assert judged["images"] == TINY.eval_scenes and 0 <= judged["colours_one"] <= 1
+
+
+def test_the_latent_is_as_wide_as_the_settings_say(whole):
+    pipe = StableDiffusionPipeline.from_pretrained(whole.out)
+    assert pipe.vae.config.latent_channels == TINY.vae_latent_channels == 8
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    assert pipe.vae.config.norm_num_groups == TINY.vae_norm_groups
 
 
 def test_unet_phase_leaves_the_text_tower_frozen_and_the_folder_is_stock_sd(whole):

@@ -136,10 +136,10 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
                             "(48 px, patterns) and a toy CLIP pretrained contrastively, then frozen (docs/toy-v2.md)")
     model.add_argument("--clip-steps", type=int, default=None, help="v2: toy CLIP steps (phase 1; default 2000)")
     model.add_argument("--clip-batch-size", type=int, default=None, help="v2: scene-caption pairs per CLIP step (128)")
-    model.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (default 1200)")
+    model.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (v1: 1200, v2: 3000)")
     model.add_argument("--steps", type=int, default=None, help="UNet steps (v1: 4000, with the text encoder; v2: 3000)")
     model.add_argument("--batch-size", type=int, default=None, help="scenes per UNet step (64)")
-    model.add_argument("--vae-batch-size", type=int, default=None, help="scenes per autoencoder step (32)")
+    model.add_argument("--vae-batch-size", type=int, default=None, help="scenes per autoencoder step (v1: 32, v2: 16)")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--lr", type=float, default=None, help="peak AdamW lr of the UNet phase (6e-4; warm-up, cosine)")
     model.add_argument("--stop-after", choices=("clip", "vae"), default=None,

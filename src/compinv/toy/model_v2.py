@@ -36,7 +36,9 @@ from compinv.artifacts import ensure_writable_dir, load_optimizer_tensors
 from compinv.data import TEXTUAL_INVERSION_TEMPLATES as OBJECT_TEMPLATES
 from compinv.errors import CompinvError
 from compinv.toy import world_v2
+from compinv.toy.classifier_v2 import load_pattern_classifier
 from compinv.toy.clip import ToyClipSettings, load_toy_clip, retrieval_accuracy, text_encoder, train_toy_clip
+from compinv.toy.metrics_v2 import score_generations_v2
 from compinv.toy.model import (
     SD_BETAS,
     STATE_FILE,
@@ -61,9 +63,11 @@ class ToyModelV2Settings:
     """Everything that fixes a run's batches and schedules; `--resume` must keep all of it."""
 
     clip: ToyClipSettings = ToyClipSettings(steps=2000, image_size=world_v2.IMAGE_SIZE)  # docs/toy-v2.md
-    vae_steps: int = 1200
-    vae_batch_size: int = 32
-    vae_lr: float = 1e-3
+    vae_steps: int = 3000
+    vae_batch_size: int = 16
+    vae_lr: float = 2e-3
+    vae_latent_channels: int = 8  # 4 (v1's) lost the objects' colours and patterns (docs/toy-v2.md)
+    vae_norm_groups: int = 8  # 32 groups of 32 channels normalise each channel's flat colour away
     steps: int = 3000
     batch_size: int = 64
     lr: float = 6e-4
@@ -85,14 +89,16 @@ class ToyModelV2Run:
 
 
 def build_unet_and_vae(settings: ToyModelV2Settings) -> tuple[AutoencoderKL, UNet2DConditionModel]:
-    """v1's component shapes at 48 px; cross-attention as wide as the CLIP text tower."""
+    """v1's component shapes at 48 px, with a wider latent (docs/toy-v2.md: the autoencoder's
+    reconstructions bound what the UNet can draw); cross-attention as wide as the CLIP text tower."""
     torch.manual_seed(settings.seed + 1)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=settings.vae_latent_channels, layers_per_block=1,
         block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32, sample_size=world_v2.IMAGE_SIZE)
+        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=settings.vae_norm_groups,
+        sample_size=world_v2.IMAGE_SIZE)
     unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+        sample_size=LATENT_SIZE, in_channels=settings.vae_latent_channels, out_channels=settings.vae_latent_channels,
         block_out_channels=settings.unet_channels, layers_per_block=settings.layers_per_block,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -257,20 +263,23 @@ def _train_vae(vae: AutoencoderKL, settings: ToyModelV2Settings, state: dict, wo
 
     _run_phase("vae", settings.vae_steps, step, {"vae": vae}, opt, state, work, checkpoint_every, progress)
     vae.eval()
-    scale, psnr = _measure_vae(vae, settings.seed, settings.eval_scenes)
+    scale, psnr, judged = _measure_vae(vae, settings.seed, settings.eval_scenes)
     vae.register_to_config(scaling_factor=scale)
-    state.update(phase="unet", step=0, vae_psnr=psnr, scaling_factor=scale)
+    state.update(phase="unet", step=0, vae_psnr=psnr, scaling_factor=scale, vae_reconstructions=judged)
     _checkpoint(work, {}, None, None, state, FORMAT)
 
 
 @torch.no_grad()
-def _measure_vae(vae: AutoencoderKL, seed: int, n: int = 256) -> tuple[float, float]:
-    """SD's latent scale (1 / latent std) and the PSNR on held-out renders."""
-    x = pixels(world_v2.sample_scenes(n, "heldout", (seed, 99)))
+def _measure_vae(vae: AutoencoderKL, seed: int, n: int = 256) -> tuple[float, float, dict[str, float]]:
+    """SD's latent scale (1 / latent std), the PSNR on held-out renders, and the base-quality
+    metrics of the reconstructions: no generation can score above what its decoder can show."""
+    scenes = world_v2.sample_scenes(n, "heldout", (seed, 99))
+    x = pixels(scenes)
     latents = vae.encode(x).latent_dist.mean
     recon = vae.decode(latents).sample.clamp(-1, 1)
     mse = F.mse_loss((recon + 1) / 2, (x + 1) / 2).item()
-    return float(1.0 / latents.std()), float(10 * math.log10(1.0 / max(mse, 1e-12)))
+    judged = score_generations_v2(load_pattern_classifier(), ((recon + 1) / 2).permute(0, 2, 3, 1).numpy(), scenes)
+    return float(1.0 / latents.std()), float(10 * math.log10(1.0 / max(mse, 1e-12))), judged
 
 
 def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, settings: ToyModelV2Settings,
