@@ -66,8 +66,9 @@ def load_run(run: Path):
 def quality(pipe, n: int, picture: Path) -> dict:
     scenes = heldout_scenes(n, 0)
     images = generate(pipe, [world_v2.caption(s) for s in scenes], list(range(n)))
-    scores = score_generations_v2(load_pattern_classifier(), images, scenes)
-    found = load_pattern_classifier().predict(images).pairs()
+    judge = load_pattern_classifier()
+    scores = score_generations_v2(judge, images, scenes)
+    found = judge.predict(images).pairs()  # the split by fill; a second look at the same 64 images is cheap
     for name, solid in (("colours_one_solid", True), ("colours_one_patterned", False)):
         hits = [s.pairs <= f for s, f in zip(scenes, found)
                 if len(s.objects) == 1 and (s.objects[0].pattern == "solid") == solid]
