@@ -3,13 +3,15 @@ training phases at tiny scale, exact resume, and a stock-diffusers folder."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-import compinv.toy.model_v2 as model_v2
+from compinv.toy import model_v2
 from compinv.errors import CompinvError
 from compinv.toy import world_v2
 import compinv.toy.clip as toy_clip
@@ -145,6 +147,26 @@ def test_phases_record_retrieval_psnr_and_step_times(whole):
     assert state["vae_psnr"] > 0 and state["scaling_factor"] > 0
     judged = state["vae_reconstructions"]  # the ceiling of every base-quality metric
     assert judged["images"] == TINY.eval_scenes and 0 <= judged["colours_one"] <= 1
+    chosen = state["clip_attributes"]  # does the frozen tower tell each caption word apart?
+    assert set(chosen) == {a + k for a in model_v2.ATTRIBUTES for k in ("", "_chance")}
+    assert chosen["shape_chance"] == 1 / len(world_v2.SHAPES) and all(0 <= v <= 1 for v in chosen.values())
+
+
+def test_attribute_variants_change_that_attribute_only():
+    from compinv.toy.metrics_v2 import heldout_scenes
+
+    scene = next(s for s in heldout_scenes(64, 0) if len(s.objects) == 1 and s.objects[0].pattern != "solid")
+    for attribute, field in (("shape", "shape"), ("colour", "colour"), ("pattern", "pattern")):
+        variants = model_v2.attribute_variants(scene, attribute)
+        assert scene in variants and len({getattr(v.objects[0], field) for v in variants}) == len(variants)
+        for v in variants:
+            kept = {k: getattr(v.objects[0], k) for k in ("x", "y", "radius", "colour2", "shape", "pattern", "colour")
+                    if k != field}
+            assert kept == {k: getattr(scene.objects[0], k) for k in kept} and v.background == scene.background
+    solid = next(s for s in heldout_scenes(64, 0) if len(s.objects) == 1 and s.objects[0].pattern == "solid")
+    assert model_v2.attribute_variants(solid, "pattern") is None
+    with pytest.raises(CompinvError, match="attribute"):
+        model_v2.attribute_variants(solid, "size")
 
 
 def test_the_latent_is_as_wide_as_the_settings_say(whole):
@@ -182,6 +204,24 @@ def test_v2_only_flags_are_refused_for_version_1(capsys):
 
     line = cli_error(capsys, ["toy", "train-model", "--clip-steps", "5", "--out", "unused"])
     assert "--clip-steps" in line and "--version 2" in line
+    line = cli_error(capsys, ["toy", "train-model", "--timestep-sampling", "logit-normal", "--out", "unused"])
+    assert "--timestep-sampling" in line and "--version 2" in line
+
+
+def test_train_model_v2_flags_reach_the_settings(monkeypatch, tmp_path, capsys):
+    from compinv.cli import main
+
+    seen = {}
+
+    def fake(out, settings, **kwargs):
+        seen.update(settings=settings, **kwargs)
+        return model_v2.ToyModelV2Run(Path(out), 0.0, {"phase": "clip", "step": 0})
+
+    monkeypatch.setattr(model_v2, "train_toy_model_v2", fake)
+    main(["toy", "train-model", "--version", "2", "--out", str(tmp_path), "--steps", "7",
+          "--timestep-sampling", "logit-normal", "--stop-after", "clip"])
+    assert seen["settings"].timestep_sampling == "logit-normal" and seen["settings"].steps == 7
+    assert seen["stop_after"] == "clip" and "phase clip" in capsys.readouterr().out
 
 
 def test_evaluate_model_blocks_padding_and_says_so(tmp_path, capsys):
@@ -209,6 +249,17 @@ def test_padding_dropout_hides_only_the_padding_of_the_chosen_rows():
     eos = ids[0].tolist().index(49407)
     assert keep[0, : eos + 1].eq(1).all() and keep[0, eos + 1:].eq(0).all()
     assert keep[1].eq(1).all()  # not chosen: the UNet sees its padding, as stock pipelines show it
+
+
+def test_logit_normal_timesteps_favour_mid_noise_and_stay_in_range():
+    uniform = model_v2.training_timesteps("uniform", 20_000, 1000, torch.Generator().manual_seed(0))
+    centred = model_v2.training_timesteps("logit-normal", 20_000, 1000, torch.Generator().manual_seed(0))
+    def mid(t):
+        return ((t >= 300) & (t < 700)).float().mean().item()
+    assert 0.38 < mid(uniform) < 0.42 and mid(centred) > 0.55
+    assert centred.min() >= 0 and centred.max() <= 999 and centred.dtype == torch.long
+    with pytest.raises(CompinvError, match="timestep_sampling"):
+        model_v2.training_timesteps("cosine", 4, 1000, torch.Generator())
 
 
 class _Oracle:

@@ -38,7 +38,8 @@ def _cmd_train_model(args: argparse.Namespace) -> None:
     from compinv.toy.model import ToyModelSettings, train_toy_model
 
     v2_only = [f for f, v in (("--clip-steps", args.clip_steps), ("--clip-batch-size", args.clip_batch_size),
-                              ("--stop-after", args.stop_after)) if v is not None]
+                              ("--stop-after", args.stop_after), ("--timestep-sampling", args.timestep_sampling))
+               if v is not None]
     if v2_only:
         raise CompinvError(f"{', '.join(v2_only)}: only for --version 2")
     defaults = ToyModelSettings()
@@ -62,7 +63,7 @@ def _train_model_v2(args: argparse.Namespace) -> None:
     settings = dataclasses.replace(
         d, clip=clip, vae_steps=_or(args.vae_steps, d.vae_steps), steps=_or(args.steps, d.steps),
         batch_size=_or(args.batch_size, d.batch_size), vae_batch_size=_or(args.vae_batch_size, d.vae_batch_size),
-        seed=args.seed, lr=_or(args.lr, d.lr))
+        seed=args.seed, lr=_or(args.lr, d.lr), timestep_sampling=_or(args.timestep_sampling, d.timestep_sampling))
     run = train_toy_model_v2(args.out, settings, resume=args.resume, checkpoint_every=args.checkpoint_every,
                              stop_after=args.stop_after)
     state = run.state
@@ -142,6 +143,8 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--vae-batch-size", type=int, default=None, help="scenes per autoencoder step (v1: 32, v2: 16)")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--lr", type=float, default=None, help="peak AdamW lr of the UNet phase (6e-4; warm-up, cosine)")
+    model.add_argument("--timestep-sampling", choices=("uniform", "logit-normal"), default=None,
+                       help="v2: how the UNet phase draws diffusion timesteps (uniform, as SD)")
     model.add_argument("--stop-after", choices=("clip", "vae"), default=None,
                        help="v2: end after this phase (continue later with --resume)")
     model.add_argument("--resume", action="store_true", help="continue the run saved in --out")
