@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 RESULTS = Path(__file__).parent / "results" / "methods.json"

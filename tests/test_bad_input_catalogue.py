@@ -9,9 +9,9 @@ exist: they must fail before any model loads. README's "Bad input" section lists
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch

@@ -89,7 +89,7 @@ def is_heldout(scene: Scene) -> bool:
     return any(p in HELDOUT_PAIRS or (*p, scene.background) in HELDOUT_TRIPLES for p in scene.pairs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def training_pairs(background: str) -> tuple[Pair, ...]:
     """Pairs the training split may show in `background`."""
     return tuple(p for p in ALL_PAIRS

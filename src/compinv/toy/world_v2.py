@@ -136,7 +136,7 @@ class SceneV2:
 
 
 # ---- sampling ----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def visible_colours(background: str) -> tuple[str, ...]:
     """The colours drawn on `background`: those far enough from its mean colour."""
     mean = background_pixels([background], [0], IMAGE_SIZE)[0].reshape(-1, 3).mean(axis=0)
