@@ -3,6 +3,7 @@ training phases at tiny scale, exact resume, and a stock-diffusers folder."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from compinv.toy.model_v2 import ToyModelV2Settings, train_toy_model_v2
 TINY = ToyModelV2Settings(
     clip=ToyClipSettings(steps=3, batch_size=4, text_hidden=32, text_layers=1, vision_hidden=32,
                          vision_layers=1, projection_dim=16),
-    vae_steps=3, vae_batch_size=2, steps=3, batch_size=2, unet_channels=(32, 32), eval_scenes=8)
+    vae_steps=3, vae_batch_size=2, steps=3, batch_size=2, unet_channels=(16, 32, 32), eval_scenes=8)
 
 
 def _object(**kw) -> world_v2.PatternObject:
@@ -169,11 +170,20 @@ def test_attribute_variants_change_that_attribute_only():
         model_v2.attribute_variants(solid, "size")
 
 
-def test_the_latent_is_as_wide_as_the_settings_say(whole):
+def test_the_latent_has_the_shape_the_settings_say(whole):
     pipe = StableDiffusionPipeline.from_pretrained(whole.out)
-    assert pipe.vae.config.latent_channels == TINY.vae_latent_channels == 8
-    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 8
+    assert pipe.vae.config.latent_channels == TINY.vae_latent_channels == 4
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 4
     assert pipe.vae.config.norm_num_groups == TINY.vae_norm_groups
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 24  # 48 px -> 24 x 24
+    assert pipe.unet.config.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    image = pipe("a red star on grass", num_inference_steps=2, height=48, width=48, output_type="np").images
+    assert image.shape == (1, 48, 48, 3)
+
+
+def test_cross_attention_levels_must_match_the_unet_levels():
+    with pytest.raises(CompinvError, match="unet_cross_attention"):
+        model_v2.build_unet_and_vae(dataclasses.replace(TINY, unet_channels=(32, 32)))
 
 
 def test_unet_phase_leaves_the_text_tower_frozen_and_the_folder_is_stock_sd(whole):

@@ -7,7 +7,8 @@ batches an uninterrupted one would:
 1. **clip**: the toy CLIP (`compinv.toy.clip`), text and image towers, contrastively on scenes
    and their captions (in `training/clip/`, resumable on its own); then frozen. Its held-out
    retrieval accuracy is measured at the end.
-2. **vae**: the autoencoder, 48x48 pixels -> 12x12x8 latents (v1's shape at 48 px, a wider latent).
+2. **vae**: the autoencoder, 48x48 pixels -> 24x24x4 latents (downsampled 2x, not v1's 4x: the
+   objects' outlines stay spatial, where a small UNet can draw them; docs/toy-v2.md).
 3. **unet**: the UNet on the *frozen* text tower's hidden states (epsilon prediction, min-SNR
    weighting, 10 % empty captions for classifier-free guidance).
 
@@ -62,7 +63,6 @@ from compinv.toy.model import (
 from compinv.toy.world import BACKGROUND_PHRASES
 
 FORMAT = "compinv-toy-model-v2"
-LATENT_SIZE = world_v2.IMAGE_SIZE // 4
 PHASES = ("clip", "vae", "unet")
 
 
@@ -71,17 +71,20 @@ class ToyModelV2Settings:
     """Everything that fixes a run's batches and schedules; `--resume` must keep all of it."""
 
     clip: ToyClipSettings = dataclasses.field(  # docs/toy-v2.md
-        default_factory=lambda: ToyClipSettings(steps=2000, image_size=world_v2.IMAGE_SIZE))
-    vae_steps: int = 3000
+        default_factory=lambda: ToyClipSettings(steps=1500, image_size=world_v2.IMAGE_SIZE))
+    vae_steps: int = 1500
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
-    vae_latent_channels: int = 8  # 4 (v1's) lost the objects' colours and patterns (docs/toy-v2.md)
+    vae_channels: tuple[int, ...] = (32, 64)  # one level per entry; downsampling 2 ** (levels - 1)
+    vae_latent_channels: int = 4
     vae_norm_groups: int = 8  # 32 groups of 32 channels normalise each channel's flat colour away
-    steps: int = 3000
+    steps: int = 3500
     batch_size: int = 64
     lr: float = 6e-4
     seed: int = 0
-    unet_channels: tuple[int, int] = (96, 192)
+    unet_channels: tuple[int, ...] = (32, 96, 192)
+    unet_cross_attention: tuple[bool, ...] = (False, True, False)  # per level; the mid block always has it
+    unet_norm_groups: int = 8
     layers_per_block: int = 1
     empty_caption_p: float = 0.1
     padding_mask_p: float = 0.5  # share of captions whose padding the UNet cannot see (docs/toy-v2.md)
@@ -98,21 +101,35 @@ class ToyModelV2Run:
     state: dict
 
 
+def latent_size(settings: ToyModelV2Settings) -> int:
+    return world_v2.IMAGE_SIZE // 2 ** (len(settings.vae_channels) - 1)
+
+
 def build_unet_and_vae(settings: ToyModelV2Settings) -> tuple[AutoencoderKL, UNet2DConditionModel]:
-    """v1's component shapes at 48 px, with a wider latent (docs/toy-v2.md: the autoencoder's
-    reconstructions bound what the UNet can draw); cross-attention as wide as the CLIP text tower."""
+    """The autoencoder downsamples 2x to a 4-channel latent (v1: 4x). At 4x the second run's
+    UNet drew the captioned colours as blobs: an outline was a code inside two or three 8-channel
+    latent cells. At 2x an object of radius 10 spans ten cells and its outline is spatial. The
+    UNet's extra 24x24 level is narrow (32 channels, no attention) so that a step costs what
+    the 4x UNet's did; cross-attention stays at 12x12 (and the 6x6 mid block), as wide as the
+    CLIP text tower."""
+    if len(settings.unet_cross_attention) != len(settings.unet_channels):
+        raise CompinvError("`settings`: give `unet_cross_attention` one entry per `unet_channels` level")
     torch.manual_seed(settings.seed + 1)
+    levels = len(settings.vae_channels)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=settings.vae_latent_channels, layers_per_block=1,
-        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=settings.vae_norm_groups,
+        block_out_channels=settings.vae_channels, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=settings.vae_norm_groups,
         sample_size=world_v2.IMAGE_SIZE)
+    attention = settings.unet_cross_attention
     unet = UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=settings.vae_latent_channels, out_channels=settings.vae_latent_channels,
+        sample_size=latent_size(settings), in_channels=settings.vae_latent_channels,
+        out_channels=settings.vae_latent_channels,
         block_out_channels=settings.unet_channels, layers_per_block=settings.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=settings.clip.text_hidden, attention_head_dim=4, norm_num_groups=32)
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        cross_attention_dim=settings.clip.text_hidden, attention_head_dim=4,
+        norm_num_groups=settings.unet_norm_groups)
     return vae, unet
 
 
@@ -375,9 +392,8 @@ def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, se
         t = training_timesteps(settings.timestep_sampling, len(scenes), len(alphas), gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         keep = padding_dropout(ids, torch.rand(len(scenes), generator=gen) < settings.padding_mask_p)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            pred = unet(noisy, t, encoder_hidden_states=states, encoder_attention_mask=keep).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        pred = unet(noisy, t, encoder_hidden_states=states, encoder_attention_mask=keep).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         return _optimise(opt, (per_sample * weight[t]).mean(), _lr(i, settings.steps, settings.lr), 1.0)
 
     _run_phase("unet", settings.steps, step, models, opt, state, work, checkpoint_every, progress)
