@@ -47,8 +47,8 @@ def load_run(run: Path):
     work = run / "training"
     state = json.loads((work / "state.json").read_text())
     saved = state["settings"]
-    settings = ToyModelV2Settings(**{**saved, "clip": ToyClipSettings(**saved["clip"]),
-                                     "unet_channels": tuple(saved["unet_channels"])})
+    settings = ToyModelV2Settings(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()},
+                                     "clip": ToyClipSettings(**saved["clip"])})
     vae, unet = build_unet_and_vae(settings)
     vae.load_state_dict(load_file(str(work / "vae.safetensors")))
     vae.register_to_config(scaling_factor=state["scaling_factor"])

@@ -78,7 +78,7 @@ class ToyModelV2Settings:
     vae_channels: tuple[int, ...] = (32, 64)  # one level per entry; downsampling 2 ** (levels - 1)
     vae_latent_channels: int = 4
     vae_norm_groups: int = 8  # 32 groups of 32 channels normalise each channel's flat colour away
-    steps: int = 3500
+    steps: int = 4400
     batch_size: int = 64
     lr: float = 6e-4
     seed: int = 0
