@@ -52,7 +52,8 @@ BASE = "base model, class word"
 
 
 def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_seeds: int,
-        budget: TrainingBudget, anchor_sets: tuple[str, ...] = ("class",), concepts: list[str] | None = None) -> dict:
+        budget: TrainingBudget, anchor_sets: tuple[str, ...] = ("class",), concepts: list[str] | None = None,
+        vanilla_only: bool = False) -> dict:
     base = pipeline_with_concept(model, None)
     study = toy_study(toy_version(base))
     classifier = study.classifier()
@@ -68,7 +69,7 @@ def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_see
         _add(scores, BASE, score_variant(study, classifier, images, concept, prompts, seeds))
         probes.setdefault(BASE, []).append(probe_word(study, classifier, base, concept, concept.class_word, prompts[0]))
         runs: dict[tuple[str, bool, str], Path] = {}
-        for variant in variants(methods, anchor_sets):
+        for variant in variants(methods, anchor_sets, vanilla_only):
             if variant.training not in runs:
                 started = time.perf_counter()
                 runs[variant.training] = learn_concept(
@@ -85,7 +86,7 @@ def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_see
                 probes.setdefault(variant.name, []).append(
                     probe_word(study, classifier, pipe, concept, token_of(concept), prompts[0]))
             print(f"{concept.name}: {variant.name} done", flush=True)
-    rows = variants(methods, anchor_sets)
+    rows = variants(methods, anchor_sets, vanilla_only)
     for variant in rows:
         if variant.spatial:
             probes[variant.name] = probes[Variant(variant.method, variant.semantic, False, variant.anchors).name]
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--anchor-sets", nargs="+", default=["class"], choices=list(ANCHOR_SETS),
                         help="anchors of the semantic rows (several: one row pair each)")
     parser.add_argument("--concepts", nargs="+", default=None, help="only these toy concepts (default: all)")
+    parser.add_argument("--vanilla-only", action="store_true",
+                        help="only the base and vanilla rows: the disease check, run before any variant")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON file to write (default: results/toy_composition.json, v2: toy_v2_composition.json)")
     args = parser.parse_args()
@@ -154,9 +157,10 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
         summary = run(shipped_or_folder(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
-                      args.prompts, args.seeds, budget, tuple(args.anchor_sets), args.concepts)
+                      args.prompts, args.seeds, budget, tuple(args.anchor_sets), args.concepts,
+                      args.vanilla_only)
     summary.update(anchor_sets=args.anchor_sets, prompts_per_concept=args.prompts, seeds=args.seeds,
-                   concepts=args.concepts or "all", budget=asdict(budget), model=args.model,
+                   concepts=args.concepts or "all", vanilla_only=args.vanilla_only, budget=asdict(budget), model=args.model,
                    total_minutes=round((time.perf_counter() - started) / 60, 1))
     print(table(summary))
     results = args.results or RESULTS / ("toy_v2_composition.json" if summary["version"] == 2 else "toy_composition.json")

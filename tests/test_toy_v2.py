@@ -368,3 +368,12 @@ def test_ablation_runs_on_the_v2_world(whole, tmp_path):
     assert 0 <= probe["identity_alone"] <= 1
     class_probe = probe_word(study, study.classifier(), base, concept, concept.class_word, prompts[0], identity_images=1)
     assert class_probe["concept_share"] != probe["concept_share"]
+
+
+def test_the_disease_check_runs_vanilla_rows_only():
+    from compinv.toy.ablation import variants
+
+    every = variants(("textual-inversion", "custom-diffusion"))
+    vanilla = variants(("textual-inversion", "custom-diffusion"), vanilla_only=True)
+    assert len(every) == 8 and [v.name for v in vanilla] == ["TI", "CD"]
+    assert not any(v.semantic or v.spatial for v in vanilla)
