@@ -377,3 +377,23 @@ def test_the_disease_check_runs_vanilla_rows_only():
     vanilla = variants(("textual-inversion", "custom-diffusion"), vanilla_only=True)
     assert len(every) == 8 and [v.name for v in vanilla] == ["TI", "CD"]
     assert not any(v.semantic or v.spatial for v in vanilla)
+
+
+def test_the_demo_runs_on_the_v2_world(whole, tmp_path):
+    """`compinv demo` reads the world off the model: v2 concepts, 48 px, the v2 metrics."""
+    import json
+
+    from compinv.demo import DemoSize, run_demo
+    from compinv.toy.metrics_v2 import COMPOSITION_METRICS
+
+    report = run_demo(tmp_path / "demo", concept="checked-star", size=DemoSize(ti_steps=2, prompts=1, seeds=1),
+                      model=whole.out)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["toy_world"] == 2 and summary["concept"] == "checked-star"
+    assert all(set(v["metrics"]) == set(COMPOSITION_METRICS) for v in summary["variants"])
+    page = report.read_text()
+    assert "toy model v2" in page and "concept identity" in page and "pattern on its shape" in page
+    assert len(list((tmp_path / "demo" / "concepts" / "checked-star").glob("*.png"))) == 5
+    with pytest.raises(CompinvError, match="checked-star.*toy world 2|toy world 2"):
+        run_demo(tmp_path / "other", concept="no-such-concept", model=whole.out)
+    assert not (tmp_path / "other").exists()

@@ -124,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--out", default="demo-output", help="folder for the runs, images and report.html")
     demo.add_argument("--concept", default="striped-diamond",
-                      choices=["striped-diamond", "dotted-ring", "two-tone-heart"])
+                      help="a toy concept of the model's world (v1: striped-diamond, dotted-ring, two-tone-heart; "
+                           "v2 also checked-star, striped-cross, dotted-triangle)")
     demo.add_argument("--ti-steps", type=int, default=300, help="Textual Inversion steps per variant")
     demo.add_argument("--quick", action="store_true", help="reduced mode: 10 steps, 2 prompts x 2 seeds")
-    demo.add_argument("--model", default=None, help="toy model folder (default: the shipped one)")
+    demo.add_argument("--model", default=None, help="toy model folder, or a shipped one: v1, v2 (default: v1)")
     demo.set_defaults(func=_cmd_demo)
 
     add_toy_commands(sub)

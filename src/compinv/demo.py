@@ -1,6 +1,6 @@
-"""`compinv demo`: the paper's claim, shown and measured on the shipped toy model, on a CPU.
+"""`compinv demo`: the paper's claim, shown and measured on a shipped toy model, on a CPU.
 
-One toy concept (five reference images, all on one background: the overfitting scenario) is
+The demo runs on either toy world (read off the model: `compinv.toy.ablation.toy_study`). One toy concept (five reference images, all on one background: the overfitting scenario) is
 learned twice, with vanilla Textual Inversion and with semantic inversion; each is then composed
 with other objects and backgrounds without and with spatial inversion. The HTML report shows
 every variant's images, where each phrase's cross-attention went, and the toy metrics.
@@ -21,6 +21,7 @@ from compinv.errors import CompinvError
 from compinv.generate import heat_map_picture
 from compinv.spatial.layout import auto_boxes
 from compinv.toy.ablation import (
+    ToyStudy,
     TrainingBudget,
     Variant,
     generate_per_prompt,
@@ -29,15 +30,21 @@ from compinv.toy.ablation import (
     score_variant,
     token_of,
     toy_study,
+    toy_version,
     variants,
-    write_concept_images,
 )
-from compinv.toy.classifier import load_classifier
-from compinv.toy.concepts import CONCEPTS, render_concept
-from compinv.toy.metrics import METRICS, composition_prompts, mean_ci
-from compinv.toy.model import SHIPPED_MODEL_DIR
+from compinv.toy.metrics import mean_ci
+from compinv.toy.model import shipped_or_folder
 
-SCALE = 4  # 32-px toy images are shown 4x larger (nearest neighbour: the pixels stay honest)
+SCALE = 4  # toy images (32 or 48 px) are shown 4x larger (nearest neighbour: the pixels stay honest)
+DEFAULT_CONCEPT = "striped-diamond"  # a concept of both toy worlds
+METRIC_NOTES = {  # what each toy metric counts, for the report
+    "text_alignment": "share of the other object's colour, its shape and the background found by the toy classifier",
+    "concept_inclusion": "the other object found",
+    "image_alignment": "classifier-feature similarity to the references",
+    "concept_colours": "share of the concept's colours visible",
+    "concept_identity": "the concept recognised: both its colours and its pattern on its shape",
+}
 
 
 @dataclass(frozen=True)
@@ -52,36 +59,39 @@ class DemoSize:
 QUICK = DemoSize(ti_steps=10, prompts=2, seeds=2)
 
 
-def run_demo(out: str | Path, concept: str = CONCEPTS[0].name, size: DemoSize = DemoSize(),
+def run_demo(out: str | Path, concept: str = DEFAULT_CONCEPT, size: DemoSize = DemoSize(),
              model: str | Path | None = None) -> Path:
-    """Run the demo into `out`; returns the path of report.html."""
-    by_name = {c.name: c for c in CONCEPTS}
+    """Run the demo into `out` on `model` (a folder, or a shipped model's name; None: the
+    default one); returns the path of report.html."""
+    model = shipped_or_folder(model)
+    study = toy_study(toy_version(pipeline_with_concept(model, None)))
+    by_name = {c.name: c for c in study.concepts}
     if concept not in by_name:
-        raise CompinvError(f"`concept` {concept!r}: use one of {', '.join(by_name)}")
+        raise CompinvError(f"`concept` {concept!r}: use one of {', '.join(by_name)} (toy world {study.version})")
     toy = by_name[concept]
     out = ensure_writable_dir(out, "--out")
-    model = Path(model) if model else SHIPPED_MODEL_DIR
-    images = write_concept_images(out / "concepts") / toy.name
-    prompts = composition_prompts(toy, size.prompts)
+    images = study.write_images(out / "concepts") / toy.name
+    prompts = study.prompts(toy, size.prompts)
     seeds = list(range(size.seeds))
-    classifier = load_classifier()
+    classifier = study.classifier()
     runs = {}
     for semantic in (False, True):
         name = "semantic-ti" if semantic else "vanilla-ti"
         print(f"demo: learning {token_of(toy)} with {name} ({size.ti_steps} steps)", flush=True)
-        runs[semantic] = learn_concept(model, toy, images, "textual-inversion", semantic,
-                                       out / "runs" / name, TrainingBudget(ti_steps=size.ti_steps))
+        runs[semantic] = learn_concept(model, toy, images, "textual-inversion", semantic, out / "runs" / name,
+                                       TrainingBudget(ti_steps=size.ti_steps), resolution=study.image_size)
     sections = []
     for variant in variants(("textual-inversion",)):
         print(f"demo: generating {variant.name}", flush=True)
         pipe = pipeline_with_concept(model, runs[variant.semantic])
-        sections.append(_variant_section(out, pipe, variant, toy, prompts, seeds, classifier))
-    report = _write_report(out, toy, prompts, sections, size)
+        sections.append(_variant_section(out, pipe, variant, toy, prompts, seeds, study, classifier))
+    report = _write_report(out, toy, prompts, sections, size, study, images)
     print(f"demo: report at {report}")
     return report
 
 
-def _variant_section(out: Path, pipe, variant: Variant, toy, prompts, seeds, classifier) -> dict:
+def _variant_section(out: Path, pipe, variant: Variant, toy, prompts, seeds, study: ToyStudy,
+                     classifier) -> dict:
     token = token_of(toy)
     rows, heat_rows = [], []
     for prompt in prompts:
@@ -93,7 +103,7 @@ def _variant_section(out: Path, pipe, variant: Variant, toy, prompts, seeds, cla
         heat_rows.append([first] + [heat_map_picture(first, maps[p][0].numpy(), boxes.get(p, ()))
                                     for p in phrases])
     images = np.concatenate(rows)
-    scores = score_variant(toy_study(1), classifier, images, toy, prompts, seeds)
+    scores = score_variant(study, classifier, images, toy, prompts, seeds)
     slug = variant.name.lower().replace(" + ", "-")
     grid = save_image(_grid([[_to_pil(im) for im in row] for row in rows]), out / f"{slug}.png")
     maps = save_image(_grid(heat_rows), out / f"{slug}-attention.png")
@@ -134,15 +144,17 @@ def _overview(out: Path, sections: list[dict], references: Image.Image) -> Path:
     return save_image(canvas, out / "overview.png")
 
 
-def _write_report(out: Path, toy, prompts, sections: list[dict], size: DemoSize) -> Path:
-    references = _grid([[Image.fromarray(im) for im in render_concept(toy)]])
+def _write_report(out: Path, toy, prompts, sections: list[dict], size: DemoSize, study: ToyStudy,
+                  images: Path) -> Path:
+    references = _grid([[Image.open(p).convert("RGB") for p in sorted(images.glob("*.png"))]])
     save_image(references, out / "references.png")
     overview = _overview(out, sections, references)
-    header = "".join(f"<th>{m.replace('_', ' ')}</th>" for m in METRICS)
+    header = "".join(f"<th>{m.replace('_', ' ')}</th>" for m in study.metrics)
     table = "".join(
         f"<tr><td>{html.escape(s['variant'])}</td>"
-        + "".join(f"<td>{s['metrics'][m][0]:.3f} &plusmn; {s['metrics'][m][1]:.3f}</td>" for m in METRICS)
+        + "".join(f"<td>{s['metrics'][m][0]:.3f} &plusmn; {s['metrics'][m][1]:.3f}</td>" for m in study.metrics)
         + "</tr>" for s in sections)
+    notes = "; ".join(f"{m.replace('_', ' ').capitalize()}: {METRIC_NOTES[m]}" for m in study.metrics)
     prompt_list = "".join(f"<li>{html.escape(p.text(token_of(toy)))}</li>" for p in prompts)
     blocks = "".join(
         f"<h3>{html.escape(s['variant'])}</h3><p>Rows: prompts; columns: seeds.</p>"
@@ -154,16 +166,14 @@ def _write_report(out: Path, toy, prompts, sections: list[dict], size: DemoSize)
 td,th{{padding:.2em .8em;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
 <h1>compinv demo: {html.escape(toy.name)}</h1>
 <p>{html.escape(toy.description)}; class word <b>{toy.class_word}</b>; every reference image is
-{html.escape(toy.background)} (the context inversion should not learn). Model: the shipped toy
-model; Textual Inversion {size.ti_steps} steps; 25 denoising steps, guidance scale 3.</p>
+{html.escape(toy.background)} (the context inversion should not learn). Model: toy model v{study.version};
+Textual Inversion {size.ti_steps} steps; 25 denoising steps, guidance scale 3.</p>
 <img src="references.png"><h2>Prompts</h2><ul>{prompt_list}</ul>
 <h2>Metrics (mean &plusmn; 95 % CI over {size.prompts * size.seeds} images)</h2>
 <table><tr><th>variant</th>{header}</tr>{table}</table>
-<p>Text alignment: share of the other object's colour, its shape and the background found by
-the toy classifier; concept inclusion: the other object found; image alignment: classifier-feature
-similarity to the references; concept colours: share of the concept's colours visible.</p>
+<p>{html.escape(notes)}.</p>
 <h2>Overview</h2><img src="{overview.name}"><h2>Variants</h2>{blocks}</body></html>"""
     atomic_write_text(out / "summary.json", json.dumps(
-        {"concept": toy.name, "size": asdict(size), "prompts": [p.text(token_of(toy)) for p in prompts],
+        {"concept": toy.name, "toy_world": study.version, "size": asdict(size), "prompts": [p.text(token_of(toy)) for p in prompts],
          "variants": sections}, indent=2))
     return atomic_write_text(out / "report.html", page)
