@@ -1,8 +1,9 @@
 """`compinv demo`: the paper's claim, shown and measured on a shipped toy model, on a CPU.
 
 The demo runs on either toy world (read off the model: `compinv.toy.ablation.toy_study`). One
-toy concept (five reference images, all on one background: the overfitting scenario) is learned twice, with vanilla Textual Inversion and with semantic inversion; each is then composed
-with other objects and backgrounds without and with spatial inversion. The HTML report shows
+toy concept (five reference images, all on one background: the overfitting scenario) is learned
+twice, with vanilla Textual Inversion and with semantic inversion; each is then composed with
+other objects and backgrounds without and with spatial inversion. The HTML report shows
 every variant's images, where each phrase's cross-attention went, and the toy metrics.
 """
 
