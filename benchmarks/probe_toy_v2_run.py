@@ -83,19 +83,11 @@ def quality(pipe, n: int, picture: Path) -> dict:
 def _swap(scene: world_v2.SceneV2, part: str, rng: np.random.Generator) -> world_v2.SceneV2 | None:
     """The scene with one part of its only object (or its background) changed; None if the
     part does not apply (a solid object has no pattern)."""
-    obj = scene.objects[0]
     if part == "background":
         return dataclasses.replace(scene, background=rng.choice([b for b in BACKGROUNDS if b != scene.background]))
-    if part == "colour":
-        colour = rng.choice([c for c in world_v2.COLOURS if c not in (obj.colour, obj.colour2)])
-        obj = dataclasses.replace(obj, colour=colour, colour2=colour if obj.pattern == "solid" else obj.colour2)
-    elif part == "shape":
-        obj = dataclasses.replace(obj, shape=rng.choice([s for s in world_v2.SHAPES if s != obj.shape]))
-    elif obj.pattern == "solid":
+    if part == "pattern" and scene.objects[0].pattern == "solid":
         return None
-    else:
-        obj = dataclasses.replace(obj, pattern=rng.choice([p for p in world_v2.PATTERNS[1:] if p != obj.pattern]))
-    return dataclasses.replace(scene, objects=(obj,))
+    return world_v2.swap_attribute(scene, rng, part)
 
 
 @torch.no_grad()

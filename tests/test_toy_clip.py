@@ -12,6 +12,7 @@ from compinv.errors import CompinvError
 from compinv.toy.clip import (
     ToyClipSettings,
     build_toy_clip,
+    contrastive_loss,
     load_toy_clip,
     retrieval_accuracy,
     same_caption,
@@ -25,15 +26,15 @@ TINY = ToyClipSettings(steps=4, batch_size=8, lr=3e-3, image_size=32, patch_size
                        text_layers=1, vision_hidden=32, vision_layers=1, heads=2, projection_dim=16)
 
 
-def world_batches(n: int, seed: tuple[int, ...]) -> tuple[np.ndarray, list[str]]:
+def world_batches(n: int, seed: tuple[int, ...]) -> tuple[np.ndarray, list[str], list[str]]:
     batch = generate(n, "train", seed)
-    return batch.images, batch.captions
+    return batch.images, batch.captions, []
 
 
-def background_batches(n: int, seed: tuple[int, ...]) -> tuple[np.ndarray, list[str]]:
+def background_batches(n: int, seed: tuple[int, ...]) -> tuple[np.ndarray, list[str], list[str]]:
     """Captions that name only the background: four classes, learnable in a few dozen steps."""
     batch = generate(n, "train", seed)
-    return batch.images, [BACKGROUND_PHRASES[s.background] for s in batch.scenes]
+    return batch.images, [BACKGROUND_PHRASES[s.background] for s in batch.scenes], []
 
 
 def test_equal_captions_are_shared_positives():
@@ -43,7 +44,7 @@ def test_equal_captions_are_shared_positives():
 
 def test_retrieval_counts_a_duplicate_caption_as_right():
     model = build_toy_clip(TINY)
-    images, _ = world_batches(6, (0,))
+    images, _, _ = world_batches(6, (0,))
     captions = ["on grass"] * 6  # every pick is right, whatever the model
     scores = retrieval_accuracy(model, images, captions)
     assert scores["text_to_image"] == scores["image_to_text"] == scores["chance"] == 1.0
@@ -52,7 +53,7 @@ def test_retrieval_counts_a_duplicate_caption_as_right():
 def test_contrastive_training_learns_retrieval(tmp_path):
     settings = ToyClipSettings(**{**TINY.__dict__, "steps": 60, "batch_size": 32})
     run = train_toy_clip(tmp_path, background_batches, settings, checkpoint_every=0, progress=False)
-    images, captions = background_batches(128, (99,))
+    images, captions, _ = background_batches(128, (99,))
     scores = retrieval_accuracy(run.model, images, captions)
     untrained = retrieval_accuracy(build_toy_clip(settings), images, captions)
     assert scores["chance"] < 0.4
@@ -107,3 +108,35 @@ def test_text_tower_is_a_stock_text_encoder(tmp_path):
 def test_bad_patch_size_is_named():
     with pytest.raises(CompinvError, match="image_size 32 must be a multiple of patch_size 5"):
         build_toy_clip(ToyClipSettings(**{**TINY.__dict__, "patch_size": 5}))
+
+
+def test_a_hard_negative_raises_the_loss_only_when_the_model_prefers_it():
+    model = build_toy_clip(TINY)
+    images, captions, _ = world_batches(4, (0,))
+    plain = contrastive_loss(model, images, captions)
+    assert torch.equal(contrastive_loss(model, images, captions, []), plain)
+    # a negative that is the same text as a batch caption is that image's positive, not a negative
+    with_copy = contrastive_loss(model, images, captions, [captions[0]])
+    with_other = contrastive_loss(model, images, captions, ["a caption no image has"])
+    assert with_other > plain
+    assert not torch.isclose(with_copy, with_other)
+
+
+def test_clip_batches_give_each_caption_a_one_word_negative():
+    """The v2 CLIP phase's hard negatives: each is its caption with one attribute word swapped
+    (and the article that goes with it), so a CLIP must read that word to rank them."""
+    from compinv.toy import world_v2
+    from compinv.toy.model_v2 import clip_batches
+
+    images, captions, negatives = clip_batches(16, (0, 1), hard_negatives=1.0)
+    assert len(negatives) == 16 and images.shape == (16, 48, 48, 3)
+    for caption, negative in zip(captions, negatives):
+        differing = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b and a not in ("a", "an")]
+        assert len(caption.split()) == len(negative.split()) and len(differing) == 1
+    assert clip_batches(16, (0, 1), hard_negatives=0.0)[2] == []
+    assert clip_batches(16, (0, 1), hard_negatives=0.0)[1] == captions
+    scene = world_v2.sample_scenes(1, "train", 0)[0]
+    rng = np.random.default_rng(0)
+    swapped = world_v2.swap_attribute(scene, rng, "shape")
+    assert sum(a.shape != b.shape for a, b in zip(swapped.objects, scene.objects)) == 1
+    assert [a.colour for a in swapped.objects] == [b.colour for b in scene.objects]

@@ -14,8 +14,8 @@ equal count as positives of each other (targets spread over them), instead of be
 apart as false negatives. `text_encoder(model)` returns the text tower as a plain
 `CLIPTextModel`, the component a stock `StableDiffusionPipeline` expects.
 
-Batches come from a `data(batch_size, seed)` callable (uint8 images [N, H, W, 3] and their
-captions), seeded by (seed, step): fresh renders every step, and a resumed run draws exactly the
+Batches come from a `data(batch_size, seed)` callable (uint8 images [N, H, W, 3], their
+captions, and hard negatives: captions one word away from a batch caption), seeded by (seed, step): fresh renders every step, and a resumed run draws exactly the
 batches an uninterrupted one would, so it ends bit-identical. Captions are padded to the longest
 in the batch: the text tower is causal, so the pooled `<|endoftext|>` state does not depend on
 the padding after it, and 77 positions would cost ~4x more for the same loss.
@@ -46,7 +46,8 @@ from compinv.artifacts import (
 from compinv.errors import CompinvError
 from compinv.models import CLIP_MAX_LENGTH, clip_tokenizer
 
-BatchSource = Callable[[int, tuple[int, ...]], tuple[np.ndarray, list[str]]]
+# (images, their captions, hard negatives: extra captions that describe no image of the batch)
+BatchSource = Callable[[int, tuple[int, ...]], tuple[np.ndarray, list[str], list[str]]]
 FORMAT = "compinv-toy-clip-1"
 WEIGHTS_FILE = "clip.safetensors"
 OPTIMIZER_FILE = "clip_optimizer.safetensors"
@@ -134,14 +135,23 @@ def same_caption(captions: list[str]) -> torch.Tensor:
     return (ids[:, None] == ids[None, :]).float()
 
 
-def contrastive_loss(model: CLIPModel, images: np.ndarray, captions: list[str]) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy, with equal captions as shared positives."""
-    image, text = embeddings(model, images, captions)
+def contrastive_loss(model: CLIPModel, images: np.ndarray, captions: list[str],
+                     negatives: list[str] = ()) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy, with equal captions as shared positives.
+
+    `negatives` are extra captions each image must score below its own (NegCLIP, Yuksekgonul et
+    al., ICLR 2023): random pairs of toy scenes differ in colours and backgrounds, so CLIP's loss
+    alone is won without reading the shape words ("bag of words"), and a text tower that has not
+    learned a word gives the UNet nothing to read there. They join the image -> text direction
+    only (they have no image); one equal to another image's caption counts as that image's positive.
+    """
+    n = len(captions)
+    image, text = embeddings(model, images, [*captions, *negatives])
     logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-    target = same_caption(captions)
-    target = target / target.sum(dim=1, keepdim=True)
-    image_to_text = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    text_to_image = -(target * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    target = same_caption([*captions, *negatives])[:n]
+    image_to_text = -(target / target.sum(dim=1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    target = target[:, :n]
+    text_to_image = -(target / target.sum(dim=1, keepdim=True) * F.log_softmax(logits[:, :n].T, dim=1)).sum(dim=1).mean()
     return (image_to_text + text_to_image) / 2
 
 
@@ -189,10 +199,10 @@ def train_toy_clip(work: str | Path, data: BatchSource, settings: ToyClipSetting
     model.train()
     started = time.perf_counter()
     for step in range(done, settings.steps):
-        images, captions = data(settings.batch_size, (settings.seed, step))
+        images, captions, negatives = data(settings.batch_size, (settings.seed, step))
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, settings.steps, settings.lr)
-        loss = contrastive_loss(model, images, captions)
+        loss = contrastive_loss(model, images, captions, negatives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

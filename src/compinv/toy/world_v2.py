@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +224,32 @@ def caption(scene: SceneV2) -> str:
     objects = " and ".join(object_phrase(*o.identity) for o in scene.objects)
     return CAPTION_TEMPLATES[scene.template].format(objects=objects,
                                                     background=BACKGROUND_PHRASES[scene.background])
+
+
+OBJECT_ATTRIBUTES = ("colour", "shape", "pattern")
+
+
+def swap_attribute(scene: SceneV2, rng: np.random.Generator, attribute: str | None = None) -> SceneV2:
+    """`scene` with one attribute of one object (drawn at random, as is `attribute` if None)
+    set to another value: a caption one word away from the scene's own, which the toy CLIP
+    must learn to score lower (its hard negatives), and the probe's "wrong word" caption."""
+    index = int(rng.integers(len(scene.objects))) if len(scene.objects) > 1 else 0
+    obj = scene.objects[index]
+    solid = obj.pattern == "solid"
+    if attribute is None:
+        choices = [a for a in OBJECT_ATTRIBUTES if a != "pattern" or not solid]
+        attribute = choices[int(rng.integers(len(choices)))]
+    if attribute == "colour":
+        colour = str(rng.choice([c for c in COLOURS if c not in (obj.colour, obj.colour2)]))
+        obj = replace(obj, colour=colour, colour2=colour if solid else obj.colour2)
+    elif attribute == "shape":
+        obj = replace(obj, shape=str(rng.choice([s for s in SHAPES if s != obj.shape])))
+    elif attribute == "pattern" and not solid:
+        obj = replace(obj, pattern=str(rng.choice([p for p in PATTERNS[1:] if p != obj.pattern])))
+    else:
+        raise CompinvError(f"`attribute` {attribute!r}: use one of {', '.join(OBJECT_ATTRIBUTES)} "
+                           "(a solid object has no pattern to swap)")
+    return replace(scene, objects=(*scene.objects[:index], obj, *scene.objects[index + 1:]))
 
 
 # ---- rendering ---------------------------------------------------------------------------------
