@@ -34,7 +34,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    ResNetConfig,
+    ResNetModel,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from compinv.artifacts import (
     atomic_write_text,
@@ -70,10 +79,31 @@ class ToyClipSettings:
     vision_layers: int = 4
     heads: int = 4
     projection_dim: int = 128
+    image_tower: str = "vit"  # or "resnet" (toy v2's: a ViT learned three of its eight shapes)
+
+
+class ResNetImageTower(torch.nn.Module):
+    """transformers' `ResNetModel` (stem + two basic stages, 48 px -> 6 x 6) in the place of
+    CLIP's ViT, as OpenAI's RN50 CLIP: the ViT toy towers (8, 6 or 4 px patches) picked a scene's
+    shape word among eight at chance or near it after 500 steps (docs/toy-v2.md), and only the
+    text tower is kept. Returns what `CLIPModel.get_image_features` reads (`pooler_output`)."""
+
+    def __init__(self, settings: ToyClipSettings):
+        super().__init__()
+        self.resnet = ResNetModel(ResNetConfig(num_channels=3, embedding_size=settings.vision_hidden // 4,
+                                               hidden_sizes=[settings.vision_hidden // 2, settings.vision_hidden],
+                                               depths=[1, 1], layer_type="basic"))
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        out = self.resnet(pixel_values)
+        return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state.flatten(2).transpose(1, 2),
+                                          pooler_output=out.pooler_output.flatten(1))
 
 
 def build_toy_clip(settings: ToyClipSettings) -> CLIPModel:
-    """A randomly initialised toy CLIP (seeded): causal text tower + ViT image tower."""
+    """A randomly initialised toy CLIP (seeded): causal text tower + ViT or ResNet image tower."""
+    if settings.image_tower not in ("vit", "resnet"):
+        raise CompinvError(f"`image_tower` {settings.image_tower!r}: use 'vit' or 'resnet'")
     if settings.image_size % settings.patch_size:
         raise CompinvError(f"`image_size` {settings.image_size} must be a multiple of `patch_size` "
                            f"{settings.patch_size}")
@@ -92,7 +122,10 @@ def build_toy_clip(settings: ToyClipSettings) -> CLIPModel:
         projection_dim=settings.projection_dim)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                         projection_dim=settings.projection_dim)
-    return CLIPModel(config)
+    model = CLIPModel(config)
+    if settings.image_tower == "resnet":
+        model.vision_model = ResNetImageTower(settings)
+    return model
 
 
 def text_encoder(model: CLIPModel) -> CLIPTextModel:

@@ -72,7 +72,7 @@ class ToyModelV2Settings:
     """Everything that fixes a run's batches and schedules; `--resume` must keep all of it."""
 
     clip: ToyClipSettings = dataclasses.field(  # docs/toy-v2.md
-        default_factory=lambda: ToyClipSettings(steps=1500, image_size=world_v2.IMAGE_SIZE))
+        default_factory=lambda: ToyClipSettings(steps=1500, image_size=world_v2.IMAGE_SIZE, image_tower="resnet"))
     vae_steps: int = 1500
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
