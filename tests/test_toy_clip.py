@@ -10,9 +10,11 @@ from transformers import CLIPTextModel
 
 from compinv.errors import CompinvError
 from compinv.toy.clip import (
+    ResNetImageTower,
     ToyClipSettings,
     build_toy_clip,
     contrastive_loss,
+    embeddings,
     load_toy_clip,
     retrieval_accuracy,
     same_caption,
@@ -61,9 +63,12 @@ def test_contrastive_training_learns_retrieval(tmp_path):
     assert untrained["image_to_text"] < 0.6
 
 
-def test_resume_is_bit_identical(tmp_path):
-    """A run killed after its step-2 checkpoint and resumed ends with the uninterrupted weights."""
-    straight = train_toy_clip(tmp_path / "a", world_batches, TINY, checkpoint_every=0, progress=False)
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
+def test_resume_is_bit_identical(tmp_path, tower):
+    """A run killed after its step-2 checkpoint and resumed ends with the uninterrupted weights
+    (and, for the ResNet tower, BatchNorm statistics)."""
+    settings = ToyClipSettings(**{**TINY.__dict__, "image_tower": tower})
+    straight = train_toy_clip(tmp_path / "a", world_batches, settings, checkpoint_every=0, progress=False)
 
     class Killed(Exception):
         pass
@@ -74,12 +79,25 @@ def test_resume_is_bit_identical(tmp_path):
         return world_batches(n, seed)
 
     with pytest.raises(Killed):
-        train_toy_clip(tmp_path / "b", killed_at_step_2, TINY, checkpoint_every=2, progress=False)
-    resumed = train_toy_clip(tmp_path / "b", world_batches, TINY, resume=True, checkpoint_every=0,
+        train_toy_clip(tmp_path / "b", killed_at_step_2, settings, checkpoint_every=2, progress=False)
+    resumed = train_toy_clip(tmp_path / "b", world_batches, settings, resume=True, checkpoint_every=0,
                              progress=False)
     assert resumed.steps == 4
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+    assert any("running_mean" in name for name in straight.model.state_dict()) == (tower == "resnet")
+
+
+def test_resnet_tower_replaces_the_vit_and_reloads_exactly(tmp_path):
+    settings = ToyClipSettings(**{**TINY.__dict__, "image_tower": "resnet"})
+    run = train_toy_clip(tmp_path, world_batches, settings, checkpoint_every=0, progress=False)
+    assert isinstance(run.model.vision_model, ResNetImageTower)
+    images, captions, _ = world_batches(4, (7,))
+    reloaded = load_toy_clip(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(embeddings(run.model.eval(), images, captions)[0], embeddings(reloaded, images, captions)[0])
+    with pytest.raises(CompinvError, match="image_tower 'cnn': use 'vit' or 'resnet'"):
+        build_toy_clip(ToyClipSettings(**{**TINY.__dict__, "image_tower": "cnn"}))
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -110,7 +128,7 @@ def test_bad_patch_size_is_named():
         build_toy_clip(ToyClipSettings(**{**TINY.__dict__, "patch_size": 5}))
 
 
-def test_a_hard_negative_raises_the_loss_only_when_the_model_prefers_it():
+def test_a_hard_negative_joins_the_softmax_and_a_copy_of_a_caption_stays_a_positive():
     model = build_toy_clip(TINY)
     images, captions, _ = world_batches(4, (0,))
     plain = contrastive_loss(model, images, captions)

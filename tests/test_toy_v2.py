@@ -21,7 +21,7 @@ from compinv.toy.model_v2 import ToyModelV2Settings, train_toy_model_v2
 
 TINY = ToyModelV2Settings(
     clip=ToyClipSettings(steps=3, batch_size=4, text_hidden=32, text_layers=1, vision_hidden=32,
-                         vision_layers=1, projection_dim=16),
+                         vision_layers=1, projection_dim=16, image_tower="resnet"),
     vae_steps=3, vae_batch_size=2, steps=3, batch_size=2, unet_channels=(16, 32, 32), eval_scenes=8)
 
 
