@@ -15,8 +15,9 @@ apart as false negatives. `text_encoder(model)` returns the text tower as a plai
 `CLIPTextModel`, the component a stock `StableDiffusionPipeline` expects.
 
 Batches come from a `data(batch_size, seed)` callable (uint8 images [N, H, W, 3], their
-captions, and hard negatives: captions one word away from a batch caption), seeded by (seed, step): fresh renders every step, and a resumed run draws exactly the
-batches an uninterrupted one would, so it ends bit-identical. Captions are padded to the longest
+captions, and hard negatives: captions one word away from a batch caption), seeded by (seed,
+step): fresh renders every step, and a resumed run draws exactly the batches an uninterrupted
+one would, so it ends bit-identical. Captions are padded to the longest
 in the batch: the text tower is causal, so the pooled `<|endoftext|>` state does not depend on
 the padding after it, and 77 positions would cost ~4x more for the same loss.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def same_caption(captions: list[str]) -> torch.Tensor:
 
 
 def contrastive_loss(model: CLIPModel, images: np.ndarray, captions: list[str],
-                     negatives: list[str] = ()) -> torch.Tensor:
+                     negatives: Sequence[str] = ()) -> torch.Tensor:
     """CLIP's symmetric cross-entropy, with equal captions as shared positives.
 
     `negatives` are extra captions each image must score below its own (NegCLIP, Yuksekgonul et
