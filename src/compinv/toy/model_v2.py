@@ -289,7 +289,7 @@ def clip_retrieval(clip: CLIPModel, seed: int, n: int = 256) -> dict[str, float]
     return retrieval_accuracy(clip, world_v2.render(scenes), [world_v2.caption(s) for s in scenes])
 
 
-ATTRIBUTES = ("colour", "shape", "pattern")
+ATTRIBUTES = world_v2.OBJECT_ATTRIBUTES  # the caption words the one-word choice asks about
 
 
 def attribute_variants(scene: world_v2.SceneV2, attribute: str) -> list[world_v2.SceneV2] | None:
