@@ -158,3 +158,32 @@ def test_clip_batches_give_each_caption_a_one_word_negative():
     swapped = world_v2.swap_attribute(scene, rng, "shape")
     assert sum(a.shape != b.shape for a, b in zip(swapped.objects, scene.objects)) == 1
     assert [a.colour for a in swapped.objects] == [b.colour for b in scene.objects]
+
+
+def test_binding_negatives_exchange_an_attribute_between_the_two_objects():
+    """Same words, other binding: a negative only a CLIP that binds attributes to objects ranks
+    lower; never a mere reordering of the objects (which would be a true caption)."""
+    from collections import Counter
+
+    from compinv.toy import world_v2
+    from compinv.toy.model_v2 import clip_batches
+
+    rng = np.random.default_rng(0)
+    exchanged = 0
+    for scene in world_v2.sample_scenes(200, "train", 3):
+        other = world_v2.exchange_attribute(scene, rng)
+        if len(scene.objects) == 1:
+            assert other is None
+        if other is None:
+            continue
+        exchanged += 1
+        assert sorted(o.identity for o in other.objects) != sorted(o.identity for o in scene.objects)
+        assert Counter(world_v2.caption(other).split()) == Counter(world_v2.caption(scene).split())
+        assert [(o.x, o.y, o.radius) for o in other.objects] == [(o.x, o.y, o.radius) for o in scene.objects]
+        for obj in other.objects:
+            assert obj.pattern == "solid" and obj.colour2 == obj.colour or obj.pattern != "solid" and obj.colour2 != obj.colour
+    assert exchanged > 50
+    plain = clip_batches(64, (0, 1), hard_negatives=1.0)
+    bound = clip_batches(64, (0, 1), hard_negatives=1.0, binding_negatives=1.0)
+    assert bound[1] == plain[1] and bound[2] != plain[2]  # same captions, other negatives
+    assert sum(sorted(n.split()) == sorted(c.split()) for c, n in zip(bound[1], bound[2])) > 10

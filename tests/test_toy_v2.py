@@ -149,7 +149,7 @@ def test_phases_record_retrieval_psnr_and_step_times(whole):
     judged = state["vae_reconstructions"]  # the ceiling of every base-quality metric
     assert judged["images"] == TINY.eval_scenes and 0 <= judged["colours_one"] <= 1
     chosen = state["clip_attributes"]  # does the frozen tower tell each caption word apart?
-    assert set(chosen) == {a + k for a in model_v2.ATTRIBUTES for k in ("", "_chance")}
+    assert set(chosen) == {a + k for a in (*model_v2.ATTRIBUTES, "binding") for k in ("", "_chance")}
     assert chosen["shape_chance"] == 1 / len(world_v2.SHAPES) and all(0 <= v <= 1 for v in chosen.values())
 
 

@@ -252,6 +252,37 @@ def swap_attribute(scene: SceneV2, rng: np.random.Generator, attribute: str | No
     return replace(scene, objects=(*scene.objects[:index], obj, *scene.objects[index + 1:]))
 
 
+def exchange_attribute(scene: SceneV2, rng: np.random.Generator) -> SceneV2 | None:
+    """`scene` with one attribute exchanged between its two objects ("a red star and a blue
+    circle" -> "a red circle and a blue star"): the same words, bound the other way, so only a
+    CLIP that binds each attribute to its object scores it lower (NegCLIP's swap negatives; the
+    fifth run's CLIP preferred the true caption to this one in only 0.86 of held-out scenes, and
+    its UNet drew one object's colour on the other's shape in 0.63 of two-object captions).
+    The first colour is exchanged (a solid object's second colour follows it), patterns only
+    between two patterned objects. None when the scene has one object or no exchange changes
+    what it shows (two red objects; a red and a yellow circle, where it only reorders them)."""
+    if len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+    options = []
+    if a.shape != b.shape:
+        options.append((replace(a, shape=b.shape), replace(b, shape=a.shape)))
+    if a.pattern != "solid" and b.pattern != "solid" and a.pattern != b.pattern:
+        options.append((replace(a, pattern=b.pattern), replace(b, pattern=a.pattern)))
+    new_a, new_b = _with_colour(a, b.colour), _with_colour(b, a.colour)
+    if a.colour != b.colour and all(o.pattern == "solid" or o.colour != o.colour2 for o in (new_a, new_b)):
+        options.append((new_a, new_b))
+    same = sorted(o.identity for o in scene.objects)
+    options = [o for o in options if sorted(x.identity for x in o) != same]  # not a reordering
+    if not options:
+        return None
+    return replace(scene, objects=options[int(rng.integers(len(options)))])
+
+
+def _with_colour(obj: PatternObject, colour: str) -> PatternObject:
+    return replace(obj, colour=colour, colour2=colour if obj.pattern == "solid" else obj.colour2)
+
+
 # ---- rendering ---------------------------------------------------------------------------------
 def _stripes(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.mod(np.floor(v * 2.5), 2) == 1  # five horizontal bands across the object
