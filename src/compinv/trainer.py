@@ -53,6 +53,7 @@ class Trainable(Protocol):
     text_encoder: torch.nn.Module  # the (unprepared) text encoder whose output conditions the UNet
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
+    def changing(self, grads: bool = False) -> list[torch.Tensor | None]: ...  # what a step changes (or its grads): the NaN guard's
     def mask_gradients(self) -> None: ...  # zero gradients of what must not change, before clipping
     def after_step(self) -> None: ...  # constraints after each optimiser step (restore frozen rows)
     def save(self, path: Path) -> Path: ...  # write the artifact a user loads, atomically
@@ -258,7 +259,7 @@ class Trainer:
             for key, value in reduced.items():
                 sums[key] += float(value) / self.cfg.grad_accum
         self.method.after_step()
-        if not all_finite(self.method.parameters()):
+        if not all_finite(self.method.changing()):
             self._stop_on_broken_weights()
         return sums
 
@@ -269,7 +270,7 @@ class Trainer:
         if self.cfg.max_grad_norm > 0:
             self.method.mask_gradients()
             self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        if self.accelerator.scaler is None and not all_finite(p.grad for p in params):
+        if self.accelerator.scaler is None and not all_finite(self.method.changing(grads=True)):
             self._stop_on_nan("gradients are not finite")
 
     def _stop_on_nan(self, what: str) -> None:

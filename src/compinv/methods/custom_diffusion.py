@@ -138,6 +138,9 @@ class CustomDiffusion:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self._rows.table, *self._projections]
 
+    def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
+        return [self._rows.trained(grads), *(p.grad if grads else p for p in self._projections)]
+
     def mask_gradients(self) -> None:
         self._rows.mask_gradients()
 

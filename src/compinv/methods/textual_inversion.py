@@ -61,6 +61,9 @@ class TextualInversion:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self._rows.table]
 
+    def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
+        return [self._rows.trained(grads)]
+
     def mask_gradients(self) -> None:
         self._rows.mask_gradients()
 
