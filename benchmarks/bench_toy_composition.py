@@ -20,6 +20,7 @@ method win. Writes benchmarks/results/toy_composition.json (v2: toy_v2_compositi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 from dataclasses import asdict
@@ -150,12 +151,14 @@ def main() -> None:
     parser.add_argument("--concepts", nargs="+", default=None, help="only these toy concepts (default: all)")
     parser.add_argument("--vanilla-only", action="store_true",
                         help="only the base and vanilla rows: the disease check, run before any variant")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the concept images and every learned run here (default: a temporary folder)")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON file to write (default: results/toy_composition.json, v2: toy_v2_composition.json)")
     args = parser.parse_args()
     budget = TrainingBudget(ti_steps=args.ti_steps, cd_steps=args.cd_steps)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
+    with contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
         summary = run(shipped_or_folder(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
                       args.prompts, args.seeds, budget, tuple(args.anchor_sets), args.concepts,
                       args.vanilla_only)
