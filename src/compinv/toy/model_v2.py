@@ -358,7 +358,7 @@ def clip_binding_choice(clip: CLIPModel, seed: int, n: int = 128) -> float:
     """How often the CLIP scores a held-out two-object scene's caption above the same words
     bound the other way (`world_v2.exchange_attribute`; chance 0.5). A UNet on this text tower
     can only bind colours to shapes as far as the tower does (the fifth run: 0.86, and its UNet
-    drew one object's colour on the other's shape in 0.63 of two-object captions)."""
+    drew one object's colour on the other's shape in 0.61 of two-object captions)."""
     rng = np.random.default_rng([seed, 98])
     pairs = [(s, e) for s in world_v2.sample_scenes(8 * n, "heldout", (seed, 98)) if len(s.objects) == 2
              for e in [world_v2.exchange_attribute(s, rng)] if e is not None][:n]

@@ -257,7 +257,7 @@ def exchange_attribute(scene: SceneV2, rng: np.random.Generator) -> SceneV2 | No
     circle" -> "a red circle and a blue star"): the same words, bound the other way, so only a
     CLIP that binds each attribute to its object scores it lower (NegCLIP's swap negatives; the
     fifth run's CLIP preferred the true caption to this one in only 0.86 of held-out scenes, and
-    its UNet drew one object's colour on the other's shape in 0.63 of two-object captions).
+    its UNet drew one object's colour on the other's shape in 0.61 of two-object captions).
     The first colour is exchanged (a solid object's second colour follows it), patterns only
     between two patterned objects. None when the scene has one object or no exchange changes
     what it shows (two red objects; a red and a yellow circle, where it only reorders them)."""
