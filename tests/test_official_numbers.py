@@ -74,25 +74,37 @@ def test_custom_diffusion_trains_with_the_masked_sum(tiny_model, folders, tmp_pa
 
 @pytest.mark.parametrize("method", ["custom-diffusion", "textual-inversion"])
 def test_gradient_clipping_sees_only_the_trained_rows(tiny_model, folders, tmp_path, method):
-    """The frozen embedding rows' gradients are zero when the norm is clipped (official CD/DB)."""
+    """Clipping measures the concept rows' gradient, not the frozen rows' (official CD/DB): the
+    optimiser and the clip get the concept rows alone, with the table's gradient for them."""
     cfg = (_cd(tiny_model, tmp_path / "run", folders[0]) if method == "custom-diffusion"
            else ti_config(tiny_model, folders[0], tmp_path / "run", max_grad_norm=1.0))
     trainer = prepare(cfg.resolved())
     table = trainer.method.text_encoder.get_input_embeddings().weight
     concept_rows = list(trainer.dataset.concepts[0].placeholder_ids)
-    frozen = torch.ones(table.shape[0], dtype=torch.bool)
-    frozen[concept_rows] = False
     seen = {}
+
+    def record_table_grad(grad):
+        seen["table"] = grad[concept_rows].clone()
+
+    table.register_hook(record_table_grad)
     clip = trainer.accelerator.clip_grad_norm_
 
     def recording_clip(parameters, max_norm):
-        seen["frozen"] = float(table.grad[frozen].abs().max())
-        seen["concept"] = float(table.grad[concept_rows].abs().max())
+        parameters = list(parameters)
+        seen["rows"] = parameters[0].grad.clone()
+        seen["shapes"] = [tuple(p.shape) for p in parameters]
         return clip(parameters, max_norm)
 
     trainer.accelerator.clip_grad_norm_ = recording_clip
+    frozen_before = table.detach().clone()
     trainer.step()
-    assert seen["frozen"] == 0.0 and seen["concept"] > 0.0
+    assert seen["shapes"][0] == (len(concept_rows), table.shape[1])
+    assert all(shape[0] != table.shape[0] for shape in seen["shapes"])  # never the whole table
+    assert torch.equal(seen["rows"], seen["table"]) and float(seen["rows"].abs().max()) > 0
+    frozen = torch.ones(table.shape[0], dtype=torch.bool)
+    frozen[concept_rows] = False
+    assert torch.equal(table.detach()[frozen], frozen_before[frozen])
+    assert not torch.equal(table.detach()[concept_rows], frozen_before[concept_rows])
 
 
 def test_textual_inversion_uses_the_official_templates_by_default(tiny_model, folders, tmp_path):

@@ -54,8 +54,8 @@ class Trainable(Protocol):
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
     def changing(self, grads: bool = False) -> list[torch.Tensor | None]: ...  # what a step changes (or its grads): the NaN guard's
-    def mask_gradients(self) -> None: ...  # zero gradients of what must not change, before clipping
-    def after_step(self) -> None: ...  # constraints after each optimiser step (restore frozen rows)
+    def prepare_gradients(self) -> None: ...  # before clipping and the step: the optimised tensors' gradients in place
+    def after_step(self) -> None: ...  # after each optimiser step and a resume: write the optimised rows into the model
     def save(self, path: Path) -> Path: ...  # write the artifact a user loads, atomically
 
 
@@ -266,10 +266,9 @@ class Trainer:
     def _check_gradients(self) -> None:
         """Clip by the norm of what is trained; stop on non-finite gradients (under fp16 the
         gradient scaler skips such steps itself)."""
-        params = self.method.parameters()
+        self.method.prepare_gradients()
         if self.cfg.max_grad_norm > 0:
-            self.method.mask_gradients()
-            self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            self.accelerator.clip_grad_norm_(self.method.parameters(), self.cfg.max_grad_norm)
         if self.accelerator.scaler is None and not all_finite(self.method.changing(grads=True)):
             self._stop_on_nan("gradients are not finite")
 
@@ -334,6 +333,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         self.global_step = load_checkpoint(self.accelerator, path, self._resumable())
+        self.method.after_step()  # the restored rows into the text encoder's table
         if self.global_step > self.cfg.steps:
             raise CompinvError(f"`resume` {path}: checkpoint is at step {self.global_step}, past "
                                f"`steps` {self.cfg.steps}; raise `steps` to train further")

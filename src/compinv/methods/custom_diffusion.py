@@ -136,16 +136,16 @@ class CustomDiffusion:
         self.modules = [self.text_encoder, self.unet]
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [self._rows.table, *self._projections]
+        return [self._rows.rows, *self._projections]
 
     def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
         return [self._rows.trained(grads), *(p.grad if grads else p for p in self._projections)]
 
-    def mask_gradients(self) -> None:
-        self._rows.mask_gradients()
+    def prepare_gradients(self) -> None:
+        self._rows.gather_gradients()
 
     def after_step(self) -> None:
-        self._rows.restore()
+        self._rows.write()
 
     def save(self, path: Path) -> Path:
         """The folder: diffusers' Custom Diffusion weights + one embedding file per token."""

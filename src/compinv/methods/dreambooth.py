@@ -92,7 +92,7 @@ class DreamBooth:
         self.modules = [self.text_encoder, self.unet]
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        encoder = list(self.text_encoder.parameters()) if self.train_text_encoder else [self._rows.table]
+        encoder = list(self.text_encoder.parameters()) if self.train_text_encoder else [self._rows.rows]
         return [*encoder, *self._unet_params]
 
     def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
@@ -101,15 +101,15 @@ class DreamBooth:
         rows = [] if encoder else [self._rows.trained(grads)]
         return rows + [p.grad if grads else p for p in tensors]
 
-    def mask_gradients(self) -> None:
+    def prepare_gradients(self) -> None:
         """Only the concept rows of the table are trained unless the whole encoder is."""
         if not self.train_text_encoder:
-            self._rows.mask_gradients()
+            self._rows.gather_gradients()
 
     def after_step(self) -> None:
-        """Keep non-concept rows at the base model's unless the whole encoder is trained."""
+        """The optimised concept rows into the table, unless the whole encoder is trained."""
         if not self.train_text_encoder:
-            self._rows.restore()
+            self._rows.write()
 
     def save(self, path: Path) -> Path:
         with staged_folder(path) as staging:

@@ -59,16 +59,16 @@ class TextualInversion:
         self._rows = TrainableRows(text_encoder, list(concept.ids))
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [self._rows.table]
+        return [self._rows.rows]
 
     def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
         return [self._rows.trained(grads)]
 
-    def mask_gradients(self) -> None:
-        self._rows.mask_gradients()
+    def prepare_gradients(self) -> None:
+        self._rows.gather_gradients()
 
     def after_step(self) -> None:
-        self._rows.restore()
+        self._rows.write()
 
     def learned_vectors(self) -> torch.Tensor:
         """The concept's vectors, [num_vectors, dim]."""
