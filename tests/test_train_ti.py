@@ -133,3 +133,29 @@ def test_tensorboard_logs_each_loss_term(tiny_model, images, tmp_path):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"loss", "rec", "anchor", "lr"} <= tags
+
+
+def test_optimised_rows_read_the_table_the_encoder_has_now():
+    """Moving or converting a module may replace its parameters: the rows write into the
+    encoder's current table, not the one they were built from."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from compinv.tokens import TrainableRows
+
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=8, intermediate_size=16,
+                                           num_hidden_layers=1, num_attention_heads=2))
+    rows = TrainableRows(encoder, [3, 7])
+    with torch.no_grad():
+        rows.rows += 1.0
+    replaced = torch.nn.Parameter(encoder.get_input_embeddings().weight.detach().clone())
+    encoder.get_input_embeddings().weight = replaced
+    rows.write()
+    assert rows.table is replaced and torch.equal(replaced.detach()[[3, 7]], rows.rows.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the optimised rows must "
+                    "follow the text encoder to it")
+def test_textual_inversion_trains_on_the_gpu(tiny_model, images, tmp_path):
+    result = train(ti_config(tiny_model, images, tmp_path / "gpu", steps=3))
+    vectors = learned(result.artifact)
+    assert torch.isfinite(vectors).all() and vectors.abs().sum() > 0

@@ -110,10 +110,15 @@ class TrainableRows:
     """
 
     def __init__(self, text_encoder: CLIPTextModel, ids: list[int]):
-        self.table = text_encoder.get_input_embeddings().weight
+        self._embedding = text_encoder.get_input_embeddings()
         self.table.requires_grad_(True)
         self.ids = list(ids)
         self.rows = self.table.detach()[self.ids].clone().requires_grad_(True)
+
+    @property
+    def table(self) -> torch.nn.Parameter:
+        """The text encoder's table as it is now (moving a module may replace its parameters)."""
+        return self._embedding.weight
 
     @torch.no_grad()
     def gather_gradients(self) -> None:
@@ -125,7 +130,12 @@ class TrainableRows:
 
     @torch.no_grad()
     def write(self) -> None:
-        """Put the optimised rows into the table (after a step, and after a resume)."""
+        """Put the optimised rows into the table (after a step, and after a resume). The rows
+        first follow the table to its device (the trainer moves the text encoder to the GPU
+        after the method was built, and calls this before it makes the optimiser), in place, so
+        that the optimiser holds the tensor that lives there."""
+        if self.rows.device != self.table.device:
+            self.rows.data = self.rows.data.to(self.table.device)
         self.table[self.ids] = self.rows.to(self.table.dtype)
 
     def trained(self, grads: bool = False) -> torch.Tensor | None:

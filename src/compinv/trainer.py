@@ -140,6 +140,9 @@ class Trainer:
 
     def _prepare_optimisation(self) -> None:
         cfg, acc = self.cfg, self.accelerator
+        for module in self.method.modules:  # accelerate would move them too, but after the optimiser is made,
+            module.to(acc.device)           # and the method's own tensors (its concept rows) must be there first
+        self.method.after_step()
         processes = acc.num_processes
         self.lr = effective_lr(cfg, processes, self.spec.prior_lr_factor)
         optimizer = torch.optim.AdamW(self.method.parameters(), lr=self.lr,
