@@ -138,10 +138,6 @@ class TrainableRows:
             self.rows.data = self.rows.data.to(self.table.device)
         self.table[self.ids] = self.rows.to(self.table.dtype)
 
-    def trained(self, grads: bool = False) -> torch.Tensor | None:
-        """The concept rows or their gradient: all that a step changes, so all the NaN guard checks."""
-        return self.rows.grad if grads else self.rows.detach()
-
     def vectors(self, concept: ConceptToken) -> torch.Tensor:
         """A concept's vectors, [num_vectors, dim]."""
         return self.rows.detach()[[self.ids.index(i) for i in concept.ids]].clone()

@@ -53,7 +53,6 @@ class Trainable(Protocol):
     text_encoder: torch.nn.Module  # the (unprepared) text encoder whose output conditions the UNet
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
-    def changing(self, grads: bool = False) -> list[torch.Tensor | None]: ...  # what a step changes (or its grads): the NaN guard's
     def prepare_gradients(self) -> None: ...  # before clipping and the step: the optimised tensors' gradients in place
     def after_step(self) -> None: ...  # after each optimiser step and a resume: write the optimised rows into the model
     def save(self, path: Path) -> Path: ...  # write the artifact a user loads, atomically
@@ -262,7 +261,7 @@ class Trainer:
             for key, value in reduced.items():
                 sums[key] += float(value) / self.cfg.grad_accum
         self.method.after_step()
-        if not all_finite(self.method.changing()):
+        if not all_finite(self.method.parameters()):
             self._stop_on_broken_weights()
         return sums
 
@@ -272,7 +271,7 @@ class Trainer:
         self.method.prepare_gradients()
         if self.cfg.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.method.parameters(), self.cfg.max_grad_norm)
-        if self.accelerator.scaler is None and not all_finite(self.method.changing(grads=True)):
+        if self.accelerator.scaler is None and not all_finite(p.grad for p in self.method.parameters()):
             self._stop_on_nan("gradients are not finite")
 
     def _stop_on_nan(self, what: str) -> None:

@@ -138,9 +138,6 @@ class CustomDiffusion:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self._rows.rows, *self._projections]
 
-    def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
-        return [self._rows.trained(grads), *(p.grad if grads else p for p in self._projections)]
-
     def prepare_gradients(self) -> None:
         self._rows.gather_gradients()
 

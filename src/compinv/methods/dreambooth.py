@@ -95,12 +95,6 @@ class DreamBooth:
         encoder = list(self.text_encoder.parameters()) if self.train_text_encoder else [self._rows.rows]
         return [*encoder, *self._unet_params]
 
-    def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
-        encoder = list(self.text_encoder.parameters()) if self.train_text_encoder else None
-        tensors = [*(encoder or []), *self._unet_params]
-        rows = [] if encoder else [self._rows.trained(grads)]
-        return rows + [p.grad if grads else p for p in tensors]
-
     def prepare_gradients(self) -> None:
         """Only the concept rows of the table are trained unless the whole encoder is."""
         if not self.train_text_encoder:

@@ -61,9 +61,6 @@ class TextualInversion:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self._rows.rows]
 
-    def changing(self, grads: bool = False) -> list[torch.Tensor | None]:
-        return [self._rows.trained(grads)]
-
     def prepare_gradients(self) -> None:
         self._rows.gather_gradients()
 
