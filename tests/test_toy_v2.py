@@ -133,7 +133,7 @@ def test_resume_is_bit_identical_in_every_phase(whole, tmp_path, monkeypatch, cu
         with pytest.raises(_Interrupt):
             train_toy_model_v2(tmp_path / "cut", TINY, checkpoint_every=1, progress=False)
     train_toy_model_v2(tmp_path / "cut", TINY, resume=True, checkpoint_every=1, progress=False)
-    for name in ("clip/clip", "vae", "unet"):
+    for name in ("clip/clip", "vae", "unet", "unet_ema"):
         expected = load_file(str(whole.out.parent / "training" / f"{name}.safetensors"))
         resumed = load_file(str(tmp_path / "cut" / "training" / f"{name}.safetensors"))
         for key, value in expected.items():
@@ -168,6 +168,31 @@ def test_attribute_variants_change_that_attribute_only():
     assert model_v2.attribute_variants(solid, "pattern") is None
     with pytest.raises(CompinvError, match="attribute"):
         model_v2.attribute_variants(solid, "size")
+
+
+def test_the_weights_average_warms_up_then_decays_at_the_set_rate():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = model_v2.unet_ema(model, decay=0.5)
+    expected = None
+    for n, value in enumerate([4.0, 8.0, 2.0, 6.0]):
+        model.weight.data.fill_(value)
+        ema.update_parameters(model)
+        d = min(0.5, (1 + n) / (10 + n))  # n = 0 copies the weights (AveragedModel's first update)
+        expected = value if expected is None else expected * d + value * (1 - d)
+        assert ema.module.weight.item() == pytest.approx(expected)
+    assert expected != model.weight.item()
+
+
+def test_the_exported_unet_is_the_weights_average(whole):
+    training = whole.out.parent / "training"
+    averaged = load_file(str(training / "unet_ema.safetensors"))
+    trained = load_file(str(training / "unet.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(whole.out)
+    exported = pipe.unet.state_dict()
+    assert averaged["n_averaged"].item() == TINY.steps
+    key = "conv_in.weight"
+    assert torch.equal(exported[key], averaged[f"module.{key}"].to(torch.float16).float())
+    assert not torch.equal(exported[key], trained[key].to(torch.float16).float())
 
 
 def test_the_latent_has_the_shape_the_settings_say(whole):

@@ -135,10 +135,10 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--version", type=int, choices=(1, 2), default=1,
                        help="1: the shipped model (text encoder trained with the UNet); 2: the v2 world "
                             "(48 px, patterns) and a toy CLIP pretrained contrastively, then frozen (docs/toy-v2.md)")
-    model.add_argument("--clip-steps", type=int, default=None, help="v2: toy CLIP steps (phase 1; default 1500)")
+    model.add_argument("--clip-steps", type=int, default=None, help="v2: toy CLIP steps (phase 1; default 3000)")
     model.add_argument("--clip-batch-size", type=int, default=None, help="v2: scene-caption pairs per CLIP step (128)")
     model.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (v1: 1200, v2: 1500)")
-    model.add_argument("--steps", type=int, default=None, help="UNet steps (v1: 4000, with the text encoder; v2: 4300)")
+    model.add_argument("--steps", type=int, default=None, help="UNet steps (v1: 4000, with the text encoder; v2: 4100)")
     model.add_argument("--batch-size", type=int, default=None, help="scenes per UNet step (64)")
     model.add_argument("--vae-batch-size", type=int, default=None, help="scenes per autoencoder step (v1: 32, v2: 16)")
     model.add_argument("--seed", type=int, default=0)

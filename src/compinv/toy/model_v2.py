@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
@@ -72,14 +73,14 @@ class ToyModelV2Settings:
     """Everything that fixes a run's batches and schedules; `--resume` must keep all of it."""
 
     clip: ToyClipSettings = dataclasses.field(  # docs/toy-v2.md
-        default_factory=lambda: ToyClipSettings(steps=2000, image_size=world_v2.IMAGE_SIZE, image_tower="resnet"))
+        default_factory=lambda: ToyClipSettings(steps=3000, image_size=world_v2.IMAGE_SIZE, image_tower="resnet"))
     vae_steps: int = 1500
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
     vae_channels: tuple[int, ...] = (32, 64)  # one level per entry; downsampling 2 ** (levels - 1)
     vae_latent_channels: int = 4
     vae_norm_groups: int = 8  # 32 groups of 32 channels normalise each channel's flat colour away
-    steps: int = 4300
+    steps: int = 4100
     batch_size: int = 64
     lr: float = 6e-4
     seed: int = 0
@@ -90,6 +91,7 @@ class ToyModelV2Settings:
     empty_caption_p: float = 0.1
     padding_mask_p: float = 0.5  # share of captions whose padding the UNet cannot see (docs/toy-v2.md)
     min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999  # the exported UNet is an exponential moving average of the trained one; 0: off
     timestep_sampling: str = "uniform"  # or "logit-normal": more of the mid-noise steps (docs/toy-v2.md)
     train_text_encoder: bool = False  # True: v1's recipe (the text tower learns with the UNet), a control
     eval_scenes: int = 256  # held-out scenes for the CLIP's retrieval and the autoencoder's PSNR
@@ -210,8 +212,8 @@ def train_toy_model_v2(out: str | Path, settings: ToyModelV2Settings = ToyModelV
     text_tower = text_encoder(clip)
     vae.requires_grad_(False).eval()
     vae.register_to_config(scaling_factor=state["scaling_factor"])
-    _train_unet(vae, unet, text_tower, settings, state, work, checkpoint_every, progress)
-    save_toy_model(vae, unet, text_tower, out / "model")
+    ema = _train_unet(vae, unet, text_tower, settings, state, work, checkpoint_every, progress)
+    save_toy_model(vae, unet if ema is None else ema.module, text_tower, out / "model")
     return ToyModelV2Run(out / "model", time.perf_counter() - started, _public(state))
 
 
@@ -404,10 +406,23 @@ def _measure_vae(vae: AutoencoderKL, seed: int, n: int = 256) -> tuple[float, fl
     return float(1.0 / latents.std()), float(10 * math.log10(1.0 / max(mse, 1e-12))), judged
 
 
+def unet_ema(unet: UNet2DConditionModel, decay: float) -> AveragedModel:
+    """An exponential moving average of `unet`'s weights, as DDPM and SD sample from, with
+    diffusers' warm-up (the decay is min(`decay`, (1 + n) / (10 + n)) at update n), so that the
+    random initial weights are forgotten in a run of a few thousand steps."""
+
+    def average(ema: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return ema * d + current * (1.0 - d)
+
+    return AveragedModel(unet, avg_fn=average)
+
+
 def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, settings: ToyModelV2Settings,
-                state: dict, work: Path, checkpoint_every: int, progress: bool) -> None:
+                state: dict, work: Path, checkpoint_every: int, progress: bool) -> AveragedModel | None:
     """Only the UNet learns: the text states come from the frozen CLIP text tower (unless
-    `train_text_encoder`, the control that trains the tower with the UNet as v1 did)."""
+    `train_text_encoder`, the control that trains the tower with the UNet as v1 did). Returns
+    the weights' moving average when `ema_decay` is set (checkpointed with the run)."""
     noise_scheduler = DDPMScheduler(**SD_BETAS)
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -420,6 +435,9 @@ def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, se
         params += list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
     unet.train()
+    ema = unet_ema(unet, settings.ema_decay) if settings.ema_decay else None
+    if ema is not None:
+        models["unet_ema"] = ema
 
     def step(i: int) -> float:
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + 500_000 + i)
@@ -438,9 +456,13 @@ def _train_unet(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder, se
         keep = padding_dropout(ids, torch.rand(len(scenes), generator=gen) < settings.padding_mask_p)
         pred = unet(noisy, t, encoder_hidden_states=states, encoder_attention_mask=keep).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        return _optimise(opt, (per_sample * weight[t]).mean(), _lr(i, settings.steps, settings.lr), 1.0)
+        loss = _optimise(opt, (per_sample * weight[t]).mean(), _lr(i, settings.steps, settings.lr), 1.0)
+        if ema is not None:
+            ema.update_parameters(unet)
+        return loss
 
     _run_phase("unet", settings.steps, step, models, opt, state, work, checkpoint_every, progress)
+    return ema
 
 
 def training_timesteps(sampling: str, n: int, steps: int, gen: torch.Generator) -> torch.Tensor:
