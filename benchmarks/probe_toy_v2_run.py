@@ -15,7 +15,7 @@ and autoencoder), both cheap enough to take every few hundred steps while the ru
 
 Not part of `make bench`. Prints one JSON object and appends it to RUN/probes.jsonl.
 
-    python benchmarks/probe_toy_v2_run.py RUN [--n 64] [--gap-scenes 128]
+    python benchmarks/probe_toy_v2_run.py RUN [--n 64] [--gap-scenes 128] [--weights trained|average]
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ from compinv.toy.world import BACKGROUNDS
 PARTS = ("colour", "shape", "pattern", "background")
 
 
-def load_run(run: Path):
-    """(state, pipeline) of the run's latest UNet checkpoint."""
+def load_run(run: Path, weights: str = "trained"):
+    """(state, pipeline) of the run's latest UNet checkpoint: its `weights` "trained" or their
+    moving "average" (what the run exports when `ema_decay` is set)."""
     work = run / "training"
     state = json.loads((work / "state.json").read_text())
     saved = state["settings"]
@@ -54,7 +55,11 @@ def load_run(run: Path):
     vae, unet = build_unet_and_vae(settings)
     vae.load_state_dict(load_file(str(work / "vae.safetensors")))
     vae.register_to_config(scaling_factor=state["scaling_factor"])
-    unet.load_state_dict(load_file(str(work / "unet.safetensors")))
+    if weights == "average":
+        averaged = load_file(str(work / "unet_ema.safetensors"))
+        unet.load_state_dict({k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")})
+    else:
+        unet.load_state_dict(load_file(str(work / "unet.safetensors")))
     tower = text_encoder(load_toy_clip(work / "clip"))
     if (work / "text_encoder.safetensors").exists():  # the control that trains the tower
         tower.load_state_dict(load_file(str(work / "text_encoder.safetensors")))
@@ -175,12 +180,15 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--gap-scenes", type=int, default=128)
+    parser.add_argument("--weights", choices=("trained", "average"), default="trained",
+                        help="the UNet's trained weights or their moving average (runs with ema_decay)")
     args = parser.parse_args()
-    state, pipe = load_run(args.run)
-    record = {"phase": state["phase"], "step": state["step"],
-              "quality": quality(pipe, args.n, args.run / f"probe-{state['step']}.png"),
+    state, pipe = load_run(args.run, args.weights)
+    tag = f"{state['step']}" + ("-average" if args.weights == "average" else "")
+    record = {"phase": state["phase"], "step": state["step"], "weights": args.weights,
+              "quality": quality(pipe, args.n, args.run / f"probe-{tag}.png"),
               "caption_dependence": caption_dependence(pipe, state, args.gap_scenes),
-              "shape_words": shape_words(pipe, args.run / f"shape-words-{state['step']}.png")}
+              "shape_words": shape_words(pipe, args.run / f"shape-words-{tag}.png")}
     print(json.dumps(record, indent=2))
     with (args.run / "probes.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
