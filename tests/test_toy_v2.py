@@ -275,7 +275,27 @@ def test_evaluate_model_blocks_padding_and_says_so(tmp_path, capsys):
         blocked = generate(pipe, prompts, [0, 1])
     assert np.abs(plain - blocked).max() > 0.05  # the shipped v1 model reads its padding
     assert main(["toy", "evaluate-model", "--n", "2", "--block-padding", "--out", str(tmp_path / "s.json")]) in (0, None)
-    assert json.loads((tmp_path / "s.json").read_text())["block_padding"] is True
+    recorded = json.loads((tmp_path / "s.json").read_text())
+    assert recorded["block_padding"] is True and recorded["guidance_scale"] == 3.0
+
+
+def test_evaluate_model_generates_at_the_guidance_scale_asked(monkeypatch, tmp_path):
+    import json
+
+    from compinv.cli import main
+    from compinv.toy import ablation
+
+    scales = []
+    real = ablation.generate
+
+    def spy(*args, **kwargs):
+        scales.append(kwargs.get("guidance_scale"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablation, "generate", spy)
+    assert main(["toy", "evaluate-model", "--n", "2", "--guidance-scale", "6",
+                 "--out", str(tmp_path / "s.json")]) in (0, None)
+    assert scales == [6.0] and json.loads((tmp_path / "s.json").read_text())["guidance_scale"] == 6.0
 
 
 def test_padding_dropout_hides_only_the_padding_of_the_chosen_rows():

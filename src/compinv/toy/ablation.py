@@ -144,13 +144,13 @@ def pipeline_with_concept(model: Path, run: Path | None) -> CompositionalStableD
 
 
 def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int],
-             batch_size: int = 64) -> np.ndarray:
-    """float [N, 32, 32, 3] in [0, 1]: image i from prompts[i] with seeds[i]."""
+             batch_size: int = 64, guidance_scale: float = GUIDANCE_SCALE) -> np.ndarray:
+    """float [N, size, size, 3] in [0, 1]: image i from prompts[i] with seeds[i]."""
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
-        images.append(pipe(prompts[chunk], num_inference_steps=STEPS, guidance_scale=GUIDANCE_SCALE,
+        images.append(pipe(prompts[chunk], num_inference_steps=STEPS, guidance_scale=guidance_scale,
                            generator=generators, output_type="np").images)
     return np.concatenate(images)
 
@@ -253,7 +253,8 @@ def probe_word(study: ToyStudy, classifier, pipe: CompositionalStableDiffusionPi
 
 
 def evaluate_toy_model(pipe: StableDiffusionPipeline, classifier: AttributeClassifier,
-                       n: int = 400, seed: int = 0, block_padding: bool = False) -> dict[str, float]:
+                       n: int = 400, seed: int = 0, block_padding: bool = False,
+                       guidance_scale: float = GUIDANCE_SCALE) -> dict[str, float]:
     """The base model's quality on held-out captions: image i is caption i with seed i.
 
     With `block_padding`, cross-attention ignores the positions after `<|endoftext|>`
@@ -262,23 +263,24 @@ def evaluate_toy_model(pipe: StableDiffusionPipeline, classifier: AttributeClass
     scenes = heldout_captions(n, seed)
     blocked = padding_blocked(pipe) if block_padding else contextlib.nullcontext()
     with blocked:
-        images = generate(pipe, [caption(s) for s in scenes], list(range(n)))
+        images = generate(pipe, [caption(s) for s in scenes], list(range(n)), guidance_scale=guidance_scale)
     return score_generations(classifier, images, scenes)
 
 
 def evaluate_toy_model_v2(pipe: StableDiffusionPipeline, classifier: PatternClassifier, n: int = 400,
                           seed: int = 0, block_padding: bool = False,
-                          identity_images: int = 20) -> dict[str, float]:
+                          identity_images: int = 20, guidance_scale: float = GUIDANCE_SCALE) -> dict[str, float]:
     """`evaluate_toy_model` for a v2 model, plus identity: each toy concept, described in
     words, recognised in `identity_images` images (seeds 0..k-1); `identity_min` is the worst
     concept's share (issue 11's bar: >= 0.70)."""
     scenes = heldout_scenes(n, seed)
     blocked = padding_blocked(pipe) if block_padding else contextlib.nullcontext()
     with blocked:
-        images = generate(pipe, [world_v2.caption(s) for s in scenes], list(range(n)))
+        images = generate(pipe, [world_v2.caption(s) for s in scenes], list(range(n)), guidance_scale=guidance_scale)
         scores = score_generations_v2(classifier, images, scenes)
         for concept in world_v2.CONCEPTS:
-            drawn = generate(pipe, [identity_prompt(concept)] * identity_images, list(range(identity_images)))
+            drawn = generate(pipe, [identity_prompt(concept)] * identity_images, list(range(identity_images)),
+                             guidance_scale=guidance_scale)
             scores[f"identity/{concept.name}"] = float(identity_recognised(classifier, drawn, concept).mean())
     scores["identity_min"] = min(v for k, v in scores.items() if k.startswith("identity/"))
     return scores

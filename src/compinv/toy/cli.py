@@ -82,24 +82,27 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> None:
     import json
 
     from compinv.artifacts import atomic_write_text
-    from compinv.toy.ablation import evaluate_toy_model, evaluate_toy_model_v2, toy_version
+    from compinv.toy.ablation import GUIDANCE_SCALE, evaluate_toy_model, evaluate_toy_model_v2, toy_version
     from compinv.toy.model import load_toy_model
 
+    args.guidance_scale = _or(args.guidance_scale, GUIDANCE_SCALE)
     pipe = load_toy_model(args.model)
     if toy_version(pipe) == 2:
         from compinv.toy.classifier_v2 import load_pattern_classifier
 
         scores = evaluate_toy_model_v2(pipe, load_pattern_classifier(args.classifier), args.n, args.seed,
-                                       block_padding=args.block_padding, identity_images=args.identity_images)
+                                       block_padding=args.block_padding, identity_images=args.identity_images,
+                                       guidance_scale=args.guidance_scale)
     else:
         from compinv.toy.classifier import load_classifier
 
         scores = evaluate_toy_model(pipe, load_classifier(args.classifier), args.n, args.seed,
-                                    block_padding=args.block_padding)
+                                    block_padding=args.block_padding, guidance_scale=args.guidance_scale)
     for key, value in scores.items():
         print(f"{key:<26}{value:.3f}" if isinstance(value, float) else f"{key:<26}{value}")
     if args.out:
-        atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", "block_padding": args.block_padding, **scores}, indent=2))
+        atomic_write_text(args.out, json.dumps({"model": args.model or "shipped", "block_padding": args.block_padding,
+                                                 "guidance_scale": args.guidance_scale, **scores}, indent=2))
 
 
 def _cmd_write_concepts(args: argparse.Namespace) -> None:
@@ -159,6 +162,8 @@ def add_toy_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--block-padding", action="store_true",
                           help="cross-attention ignores the padding after <|endoftext|> (renormalised "
                                "over the rest): does the model read its words or a pooled summary?")
+    evaluate.add_argument("--guidance-scale", type=float, default=None,
+                          help="classifier-free guidance of every image (default: 3, the toy benchmarks' and demo's)")
     evaluate.add_argument("--classifier", default=None,
                           help="classifier folder (default: the shipped one of the model's toy world, v1 or v2)")
     evaluate.add_argument("--identity-images", type=int, default=20,
