@@ -15,9 +15,12 @@ iteration runs the whole UNet as the official code does; its latents must match 
 (c) peak memory: each end-to-end variant runs in a fresh subprocess that samples its resident
     set size (/proc/self/statm) every 2 ms; we report the peak above the RSS after the model
     was built (tracemalloc does not see torch's CPU allocations).
-Single-threaded by default (--threads) so timings on a shared machine are stable.
+Single-threaded by default (--threads) so timings on a shared machine are stable. With
+`--device cuda` every model and tensor lives on the GPU, timings synchronise the device, and (c)
+reads the peak of torch's CUDA allocator instead of the resident set size: the batch bar of (d)
+(<= 0.3x eight single calls) is a GPU bar, where a batch fills the device.
 
-    python benchmarks/bench_guidance.py [--sizes tiny mid] [--steps 50] [--threads 1]
+    python benchmarks/bench_guidance.py [--sizes tiny mid] [--steps 50] [--threads 1] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -61,12 +64,18 @@ class ReferencePipeline(CompositionalStableDiffusionPipeline):
         return session
 
 
-def _pipeline(size: str, reference: bool = False) -> CompositionalStableDiffusionPipeline:
+def _pipeline(size: str, device: str, reference: bool = False) -> CompositionalStableDiffusionPipeline:
     cls = ReferencePipeline if reference else CompositionalStableDiffusionPipeline
-    pipe = cls.from_pipe(build_tiny_pipeline(size))
+    pipe = cls.from_pipe(build_tiny_pipeline(size)).to(device)
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, "lms")
     return pipe
+
+
+def _sync(device: str) -> None:
+    """Wait for the device's queued work, so that a timing covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def _rss_bytes() -> int:
@@ -74,10 +83,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_variant(size: str, variant: str, steps: int) -> dict:
-    """One end-to-end generation in this (fresh) process: wall time and peak RSS increment."""
+def run_variant(size: str, variant: str, steps: int, device: str = "cpu") -> dict:
+    """One end-to-end generation in this (fresh) process: wall time and peak memory increment
+    (resident set size on the CPU, torch's allocator on a GPU)."""
     setting = VARIANTS[variant]
-    pipe = _pipeline(size, reference=bool(setting and setting[2]))
+    pipe = _pipeline(size, device, reference=bool(setting and setting[2]))
     kwargs = {}
     if setting is not None:
         guidance = GuidanceConfig(loss_threshold=setting[0], stop_rule=setting[1])
@@ -89,14 +99,22 @@ def run_variant(size: str, variant: str, steps: int) -> dict:
             peak[0] = max(peak[0], _rss_bytes())
             time.sleep(0.002)
 
+    gpu = device.startswith("cuda")
+    if gpu:
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
     out = pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                output_type="np", **kwargs)
+    _sync(device)
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
+    if gpu:
+        peak[0] = torch.cuda.max_memory_allocated(device)
     losses = getattr(out, "guidance_losses", None)
     return {"seconds": seconds, "stop_rule": setting[1] if setting else None,
             "peak_rss_increase_mb": max(peak[0] - baseline, 0) / 2**20,
@@ -104,27 +122,29 @@ def run_variant(size: str, variant: str, steps: int) -> dict:
             "losses": [v for step in losses or [] for v in step]}
 
 
-def _median_ms(fn, reps: int) -> float:
+def _median_ms(fn, reps: int, device: str) -> float:
     fn()
     times = []
     for _ in range(reps):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
-def iteration_costs(size: str, reps: int) -> dict:
+def iteration_costs(size: str, reps: int, device: str = "cpu") -> dict:
     """(a): median ms of one CFG step, one guidance iteration, one full-UNet iteration."""
-    pipe = _pipeline(size)
+    pipe = _pipeline(size, device)
     unet, side = pipe.unet, pipe.unet.config.sample_size
     with torch.no_grad():
-        cond = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
-    latents = torch.randn(1, 4, side, side)
+        cond = pipe.encode_prompt(PROMPT, device, 1, False)[0]
+    latents = torch.randn(1, 4, side, side).to(device)
     targets = [Target("cat", (2,), ((0.1, 0.2, 0.5, 0.8),)),
                Target("backpack", (5,), ((0.6, 0.2, 0.95, 0.8),))]
     recorder = AttentionRecorder(cross_attention_layers(unet, None))
-    t = torch.tensor(981)
+    t = torch.tensor(981, device=device)
 
     def cfg_step():
         with torch.no_grad():
@@ -141,9 +161,9 @@ def iteration_costs(size: str, reps: int) -> dict:
     with recording(unet, recorder):
         ms = {"cfg_step": [], "guidance_iteration": [], "reference_iteration": []}
         for _ in range(reps):  # interleaved, so load drifts hit all three alike
-            ms["cfg_step"].append(_median_ms(cfg_step, 1))
-            ms["guidance_iteration"].append(_median_ms(iteration(recorder.layers[-1]), 1))
-            ms["reference_iteration"].append(_median_ms(iteration(None), 1))
+            ms["cfg_step"].append(_median_ms(cfg_step, 1, device))
+            ms["guidance_iteration"].append(_median_ms(iteration(recorder.layers[-1]), 1, device))
+            ms["reference_iteration"].append(_median_ms(iteration(None), 1, device))
     return {k: statistics.median(v) for k, v in ms.items()}
 
 
@@ -158,10 +178,10 @@ def _batch_layouts(n: int) -> list[dict]:
     return layouts
 
 
-def batch_costs(size: str, steps: int, reps: int, images: int = 8) -> dict:
+def batch_costs(size: str, steps: int, reps: int, images: int = 8, device: str = "cpu") -> dict:
     """(d): seconds of one batched call with per-image layouts, with one shared layout, and of
     `images` single-image calls; worst-case guidance (every allowed iteration runs)."""
-    pipe = _pipeline(size)
+    pipe = _pipeline(size, device)
     layouts = _batch_layouts(images)
     guidance = GuidanceConfig(loss_threshold=0.0)
     common = dict(num_inference_steps=steps, output_type="np", guidance=guidance)
@@ -178,8 +198,10 @@ def batch_costs(size: str, steps: int, reps: int, images: int = 8) -> dict:
     seconds = {k: [] for k in variants}
     for _ in range(reps):  # interleaved, so load drifts hit all three alike
         for name, run in variants.items():
+            _sync(device)
             start = time.perf_counter()
             run()
+            _sync(device)
             seconds[name].append(time.perf_counter() - start)
     median = {k: statistics.median(v) for k, v in seconds.items()}
     return {"images": images, "steps": steps, "reps": reps, "seconds": median, "all_seconds": seconds,
@@ -187,14 +209,15 @@ def batch_costs(size: str, steps: int, reps: int, images: int = 8) -> dict:
             "per_image_over_single_calls": median["per_image_layouts"] / median["single_calls"]}
 
 
-def bench_size(size: str, steps: int, reps: int, threads: int, batch_steps: int, batch_reps: int) -> dict:
-    costs = iteration_costs(size, reps)
-    batches = batch_costs(size, batch_steps, batch_reps)
+def bench_size(size: str, steps: int, reps: int, threads: int, batch_steps: int, batch_reps: int,
+               device: str = "cpu") -> dict:
+    costs = iteration_costs(size, reps, device)
+    batches = batch_costs(size, batch_steps, batch_reps, device=device)
     runs = {}
     for variant in VARIANTS:
         child = subprocess.run(
-            [sys.executable, __file__, "--child", size, variant, str(steps), "--threads", str(threads)],
-            capture_output=True, text=True, check=True)
+            [sys.executable, __file__, "--child", size, variant, str(steps), "--threads", str(threads),
+             "--device", device], capture_output=True, text=True, check=True)
         runs[variant] = json.loads(child.stdout.strip().splitlines()[-1])
     plain = runs["plain"]
     return {
@@ -248,20 +271,27 @@ def main() -> None:
     parser.add_argument("--batch-steps", type=int, default=12,
                         help="denoising steps of the per-image-layout runs (the first 10 guided)")
     parser.add_argument("--batch-reps", type=int, default=3, help="repetitions of the batch runs")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the GPU bars")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSON to write (default: benchmarks/results/guidance.json, or guidance_cuda.json)")
     parser.add_argument("--child", nargs=3, metavar=("SIZE", "VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here; run on a GPU machine or use --device cpu")
     if args.child:
         size, variant, steps = args.child
-        print(json.dumps(run_variant(size, variant, int(steps))))
+        print(json.dumps(run_variant(size, variant, int(steps), args.device)))
         return
-    results = [bench_size(s, args.steps, args.reps, args.threads, args.batch_steps, args.batch_reps)
+    results = [bench_size(s, args.steps, args.reps, args.threads, args.batch_steps, args.batch_reps, args.device)
                for s in args.sizes]
     print(_table(results))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"threads": args.threads, "results": results,
-                                   "versions": library_versions()}, indent=2))
-    print(f"wrote {RESULTS}")
+    out = args.results or (RESULTS if args.device == "cpu" else RESULTS.with_name("guidance_cuda.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    out.write_text(json.dumps({"threads": args.threads, "device": device_name, "results": results,
+                               "versions": library_versions()}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
