@@ -26,7 +26,7 @@ import multiprocessing
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import time
 from pathlib import Path
 
@@ -57,10 +57,12 @@ BASE = "base model, class word"
 
 
 def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_seeds: int,
-        budget: TrainingBudget, anchor_sets: tuple[str, ...] = ("class",), concepts: list[str] | None = None,
+        steps: dict[str, int | None], anchor_sets: tuple[str, ...] = ("class",), concepts: list[str] | None = None,
         vanilla_only: bool = False, workers: int = 1) -> dict:
+    """`steps`: "ti_steps" / "cd_steps" overrides of the world's default budget (None: keep it)."""
     base = pipeline_with_concept(model, None)
     study = toy_study(toy_version(base))
+    budget = replace(study.budget, **{k: v for k, v in steps.items() if v is not None})
     classifier = study.classifier()
     images_root = study.write_images(work / "concepts")
     seeds = list(range(n_seeds))
@@ -93,7 +95,7 @@ def run(model: Path, work: Path, methods: tuple[str, ...], n_prompts: int, n_see
             probes[variant.name] = probes[Variant(variant.method, variant.semantic, False, variant.anchors).name]
     return {**_summarise(scores, rows, timings, study.metrics),
             "probes": {name: {k: float(np.mean([p[k] for p in per])) for k in per[0]} for name, per in probes.items()},
-            "version": study.version}
+            "version": study.version, "budget": asdict(budget)}
 
 
 def train_all(model: Path, concepts: list, rows: list[Variant], images_root: Path, work: Path,
@@ -172,8 +174,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20, help="composition prompts per concept")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--methods", nargs="+", default=["ti", "cd"], choices=sorted(METHOD_NAMES))
-    parser.add_argument("--ti-steps", type=int, default=TrainingBudget.ti_steps)
-    parser.add_argument("--cd-steps", type=int, default=TrainingBudget.cd_steps)
+    parser.add_argument("--ti-steps", type=int, default=None,
+                        help="Textual Inversion steps of every concept run (default: v1 300, v2 3,000)")
+    parser.add_argument("--cd-steps", type=int, default=None,
+                        help="Custom Diffusion steps of every concept run (default: v1 150, v2 1,000)")
     parser.add_argument("--anchor-sets", nargs="+", default=["class"], choices=list(ANCHOR_SETS),
                         help="anchors of the semantic rows (several: one row pair each)")
     parser.add_argument("--concepts", nargs="+", default=None, help="only these toy concepts (default: all)")
@@ -186,14 +190,14 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON file to write (default: results/toy_composition.json, v2: toy_v2_composition.json)")
     args = parser.parse_args()
-    budget = TrainingBudget(ti_steps=args.ti_steps, cd_steps=args.cd_steps)
+    steps = {"ti_steps": args.ti_steps, "cd_steps": args.cd_steps}
     started = time.perf_counter()
     with contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="bench-toy-") as work:
         summary = run(shipped_or_folder(args.model), Path(work), tuple(METHOD_NAMES[m] for m in args.methods),
-                      args.prompts, args.seeds, budget, tuple(args.anchor_sets), args.concepts,
+                      args.prompts, args.seeds, steps, tuple(args.anchor_sets), args.concepts,
                       args.vanilla_only, args.workers)
     summary.update(anchor_sets=args.anchor_sets, prompts_per_concept=args.prompts, seeds=args.seeds,
-                   concepts=args.concepts or "all", vanilla_only=args.vanilla_only, workers=args.workers, budget=asdict(budget), model=args.model,
+                   concepts=args.concepts or "all", vanilla_only=args.vanilla_only, workers=args.workers, model=args.model,
                    total_minutes=round((time.perf_counter() - started) / 60, 1))
     print(table(summary))
     results = args.results or RESULTS / ("toy_v2_composition.json" if summary["version"] == 2 else "toy_composition.json")

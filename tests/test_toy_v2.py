@@ -415,6 +415,13 @@ def test_ablation_runs_on_the_v2_world(whole, tmp_path):
     assert class_probe["concept_share"] != probe["concept_share"]
 
 
+def test_the_v2_benchmark_budget_is_the_long_one_the_disease_needs():
+    from compinv.toy.ablation import toy_study
+
+    assert toy_study(2).budget.ti_steps >= 3000 and toy_study(2).budget.batch_size == 4  # issue 11's minimum
+    assert toy_study(1).budget.ti_steps == 300  # v1's published tables keep their budget
+
+
 def test_the_disease_check_runs_vanilla_rows_only():
     from compinv.toy.ablation import variants
 
