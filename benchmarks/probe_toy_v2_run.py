@@ -15,7 +15,7 @@ and autoencoder), both cheap enough to take every few hundred steps while the ru
 
 Not part of `make bench`. Prints one JSON object and appends it to RUN/probes.jsonl.
 
-    python benchmarks/probe_toy_v2_run.py RUN [--n 64] [--gap-scenes 128] [--weights trained|average]
+    python benchmarks/probe_toy_v2_run.py RUN [--n 64] [--gap-scenes 128] [--weights trained|average] [--split heldout|train]
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def load_run(run: Path, weights: str = "trained"):
     return state, pipe
 
 
-def quality(pipe, n: int, picture: Path) -> dict:
-    scenes = heldout_scenes(n, 0)
+def quality(pipe, n: int, picture: Path, split: str = "heldout") -> dict:
+    """`split` "train": scenes of training combinations (fresh ones, not the run's own batches),
+    which says whether a shortfall on held-out captions is the generalisation or the learning."""
+    scenes = heldout_scenes(n, 0) if split == "heldout" else world_v2.sample_scenes(n, "train", (0, 11))
     images = generate(pipe, [world_v2.caption(s) for s in scenes], list(range(n)))
     judge = load_pattern_classifier()
     scores = score_generations_v2(judge, images, scenes)
@@ -182,11 +184,13 @@ def main() -> None:
     parser.add_argument("--gap-scenes", type=int, default=128)
     parser.add_argument("--weights", choices=("trained", "average"), default="trained",
                         help="the UNet's trained weights or their moving average (runs with ema_decay)")
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="captions of the quality measure: held-out combinations, or training ones")
     args = parser.parse_args()
     state, pipe = load_run(args.run, args.weights)
-    tag = f"{state['step']}" + ("-average" if args.weights == "average" else "")
-    record = {"phase": state["phase"], "step": state["step"], "weights": args.weights,
-              "quality": quality(pipe, args.n, args.run / f"probe-{tag}.png"),
+    tag = f"{state['step']}" + ("-average" if args.weights == "average" else "") + ("-train" if args.split == "train" else "")
+    record = {"phase": state["phase"], "step": state["step"], "weights": args.weights, "split": args.split,
+              "quality": quality(pipe, args.n, args.run / f"probe-{tag}.png", args.split),
               "caption_dependence": caption_dependence(pipe, state, args.gap_scenes),
               "shape_words": shape_words(pipe, args.run / f"shape-words-{tag}.png")}
     print(json.dumps(record, indent=2))
